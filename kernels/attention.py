@@ -1,0 +1,182 @@
+"""Fused (flash-style) non-causal attention for the ViT, forward and backward.
+
+softmax(q k^T / sqrt(d)) v is computed tile by tile with an online softmax, so the L x L score matrix
+is never stored (Dao et al. 2022; the layout follows the Triton tutorial 06-fused-attention).
+Forward saves only the output and the row log-sum-exp; backward recomputes the scores tile by tile.
+
+Shapes: q, k, v are [B, H, L, D]. L need not be a multiple of the block (rRCM uses L = 66 on CIFAR-10:
+64 patches + class + time token, and 198 on ImageNet); D is any size up to 128 (padded to a power of two
+inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
+
+Autotune configs below are an untuned first guess: no GPU has been available to tune them yet
+(see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the first config is used as is.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import autotuned, tile, upcast
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_M query rows, BLOCK_N key rows, warps, stages). Small blocks suit L = 66; larger ones L = 198.
+_CONFIGS = [(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3)]
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
+                D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * L * D
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    row_ok = rows < L
+    col_ok = cols < D
+    q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max (log2 units)
+    l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < L
+        kv_mask = key_ok[:, None] & col_ok[None, :]
+        k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.where(key_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    acc = acc / l_i[:, None]
+    tl.store(O + base + rows[:, None] * D + cols[None, :], acc.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+    # Saved in log2 units: backward needs exactly p = exp2(s * scale_log2 - lse).
+    tl.store(LSE + bh.to(tl.int64) * L + rows, m_i + tl.log2(l_i), mask=row_ok)
+
+
+@triton.jit
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
+                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    # One program owns BLOCK_N keys and sweeps all queries, so dk and dv are written once (no atomics).
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * L * D
+    keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, D_PAD)
+    key_ok = keys < L
+    col_ok = cols < D
+    kv_mask = key_ok[:, None] & col_ok[None, :]
+    k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+    v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+    dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for start_m in range(0, L, BLOCK_M):
+        rows = start_m + tl.arange(0, BLOCK_M)
+        row_ok = rows < L
+        q_mask = row_ok[:, None] & col_ok[None, :]
+        q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+        do = tile(tl.load(DO + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+        # lse = +inf on padded rows makes their p exactly 0.
+        lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(key_ok[None, :], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+    tl.store(DK + base + keys[:, None] * D + cols[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + base + keys[:, None] * D + cols[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
+                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    base = bh.to(tl.int64) * L * D
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, D_PAD)
+    row_ok = rows < L
+    col_ok = cols < D
+    q_mask = row_ok[:, None] & col_ok[None, :]
+    q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+    do = tile(tl.load(DO + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+    lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    for start_n in range(0, L, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        key_ok = keys < L
+        kv_mask = key_ok[:, None] & col_ok[None, :]
+        k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        p = tl.exp2(s - lse[:, None])
+        p = tl.where(key_ok[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k)
+    tl.store(DQ + base + rows[:, None] * D + cols[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+_BLOCKS, _KEY = ("BLOCK_M", "BLOCK_N"), ["L", "D_PAD"]
+_fwd, _fwd_blocks = autotuned(_fwd_kernel, _BLOCKS, _CONFIGS, _KEY)
+_bwd_dkdv, _bwd_dkdv_blocks = autotuned(_bwd_dkdv_kernel, _BLOCKS, _CONFIGS, _KEY)
+_bwd_dq, _bwd_dq_blocks = autotuned(_bwd_dq_kernel, _BLOCKS, _CONFIGS, _KEY)
+
+
+def _grid(rows_per_program: str, L: int, BH: int):
+    return lambda meta: (triton.cdiv(L, meta[rows_per_program]), BH)
+
+
+class _FlashAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        B, H, L, D = q.shape
+        if D > 128:
+            raise ValueError(f"fused attention supports head dim <= 128, got {D}")
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o = torch.empty_like(q)
+        lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
+        scale = 1.0 / math.sqrt(D)
+        d_pad = max(16, triton.next_power_of_2(D))
+        _fwd[_grid("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad, UPCAST=upcast(q), **_fwd_blocks)
+        ctx.save_for_backward(q, k, v, o, lse)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse = ctx.saved_tensors
+        B, H, L, D = q.shape
+        do = do.contiguous()
+        # delta_i = sum_d dO_id O_id: the row term of the softmax Jacobian, cheap enough for torch.
+        delta = (do.float() * o.float()).sum(-1).reshape(B * H, L)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        scale = 1.0 / math.sqrt(D)
+        d_pad = max(16, triton.next_power_of_2(D))
+        args = (L, D, scale * LOG2E, scale)
+        _bwd_dkdv[_grid("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad, UPCAST=upcast(q),
+                                                **_bwd_dkdv_blocks)
+        _bwd_dq[_grid("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad, UPCAST=upcast(q),
+                                              **_bwd_dq_blocks)
+        return dq, dk, dv
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused non-causal attention, q, k, v: [B, H, L, D] -> [B, H, L, D]."""
+    return _FlashAttention.apply(q, k, v)
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch attention, the definition the fused kernel is tested against (fp32 math)."""
+    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return (scores.softmax(-1) @ v.float()).to(q.dtype)

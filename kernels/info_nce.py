@@ -1,0 +1,148 @@
+"""Fused InfoNCE, Eq. (7)-(8) of the paper, forward and backward.
+
+    loss_i = logsumexp_j (q_i . k_j / tau) - q_i . k_{offset + i} / tau
+
+q [B, D] and k [M, D] are L2-normalised by the caller; M >= B because k may hold the keys gathered from
+every rank, and row i's positive sits at `offset + i` (offset = rank * B). The kernels tile over k with an
+online log-sum-exp, so the B x M similarity matrix is never stored: memory is O((B + M) D), which is what
+keeps a global batch of 4096+ cheap (compare Inf-CL, Wang et al. 2024).
+
+Gradients, with g_i the incoming gradient of loss_i and p_ij = softmax_j(q_i . k_j / tau):
+    dq_i = g_i / tau * (sum_j p_ij k_j - k_pos(i))
+    dk_j = 1 / tau * (sum_i g_i p_ij q_i - g_i q_i [j = pos(i)])
+The sums are one kernel run twice (rows = queries, then rows = keys); the positive terms are O(B D)
+and done in torch. Autotune configs are a first guess, not yet tuned on a GPU (see bench/README.md).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .launch import autotuned, tile, upcast
+
+LOG2E = 1.4426950408889634
+
+# (BLOCK_R rows, BLOCK_C columns, BLOCK_D reduction chunk, warps, stages)
+_FWD_CONFIGS = [(32, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)]
+# (BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_O output columns, warps, stages)
+_BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 64, 64, 128, 4, 3), (64, 64, 64, 256, 8, 3), (128, 64, 64, 128, 8, 3)]
+
+
+@triton.jit
+def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    """s[r, c] = (A[r] . Bm[c]) * scale_log2, reducing over D in chunks (D may be 768: too wide for one tile)."""
+    s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = d < D
+        a = tile(tl.load(A + rows[:, None].to(tl.int64) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
+        b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
+        s += tl.dot(a, tl.trans(b))
+    return s * scale_log2
+
+
+@triton.jit
+def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_R], tl.float32)
+    for c0 in range(0, M, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < M
+        s = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
+        s = tl.where(col_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    tl.store(LSE + rows, m_i + tl.log2(l_i), mask=row_ok)  # log2 units
+
+
+@triton.jit
+def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
+                         LSE_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, UPCAST: tl.constexpr):
+    """OUT[r, o] = sum_c w * exp2(s[r, c] - lse) * Bm[c, o] over one tile of output columns o.
+    LSE_ON_ROWS: rows are queries (lse and g belong to r; gives dq). Otherwise rows are keys and the
+    softmax normaliser and weight belong to the column c (gives dk)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    outs = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_ok = rows < R
+    out_ok = outs < D
+    if LSE_ON_ROWS:
+        lse_r = tl.load(LSE + rows, mask=row_ok, other=float("inf"))
+        g_r = tl.load(G + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros([BLOCK_R, BLOCK_O], tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_ok = cols < C
+        s = _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
+        if LSE_ON_ROWS:
+            p = tl.exp2(s - lse_r[:, None])
+        else:
+            lse_c = tl.load(LSE + cols, mask=col_ok, other=float("inf"))
+            g_c = tl.load(G + cols, mask=col_ok, other=0.0)
+            p = tl.exp2(s - lse_c[None, :]) * g_c[None, :]
+        p = tl.where(col_ok[None, :], p, 0.0)
+        b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + outs[None, :], mask=col_ok[:, None] & out_ok[None, :], other=0.0), UPCAST)
+        acc += tl.dot(p.to(b.dtype), b)
+    if LSE_ON_ROWS:
+        acc = acc * g_r[:, None]
+    tl.store(OUT + rows[:, None].to(tl.int64) * D + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
+
+
+_lse, _lse_blocks = autotuned(_lse_kernel, ("BLOCK_R", "BLOCK_C", "BLOCK_D"), _FWD_CONFIGS, ["B", "M", "D"])
+_wsum, _wsum_blocks = autotuned(_weighted_sum_kernel, ("BLOCK_R", "BLOCK_C", "BLOCK_D", "BLOCK_O"),
+                                _BWD_CONFIGS, ["R", "C", "D", "LSE_ON_ROWS"])
+
+
+def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.Tensor:
+    out = torch.empty(a.shape, device=a.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(a.shape[0], meta["BLOCK_R"]), triton.cdiv(a.shape[1], meta["BLOCK_O"]))
+    _wsum[grid](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
+                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), **_wsum_blocks)
+    return out
+
+
+class _InfoNCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, tau, offset):
+        B, D = q.shape
+        M = k.shape[0]
+        q, k = q.contiguous(), k.contiguous()
+        scale_log2 = LOG2E / tau
+        lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_R"]),)
+        _lse[grid](q, k, lse2, B, M, D, scale_log2, UPCAST=upcast(q), **_lse_blocks)
+        positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
+        ctx.save_for_backward(q, k, lse2)
+        ctx.tau, ctx.offset = tau, offset
+        return (lse2 / LOG2E - positive).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, lse2 = ctx.saved_tensors
+        tau, offset, B = ctx.tau, ctx.offset, q.shape[0]
+        g = g.float().contiguous()
+        scale_log2 = LOG2E / tau
+        k_pos = k[offset:offset + B].float()
+        dq = (_weighted_sum(q, k, lse2, g, True, scale_log2) - g[:, None] * k_pos) / tau
+        dk = None
+        if ctx.needs_input_grad[1]:
+            dk = _weighted_sum(k, q, lse2, g, False, scale_log2)
+            dk[offset:offset + B] -= g[:, None] * q.float()
+            dk = (dk / tau).to(k.dtype)
+        return dq.to(q.dtype), dk, None, None
+
+
+def info_nce_triton(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
+    """Per-row InfoNCE loss [B] of Eq. (7)-(8); fused, never stores the B x M similarities."""
+    return _InfoNCE.apply(q, k, tau, offset)
+
+
+def info_nce_reference(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
+    """Plain PyTorch InfoNCE (stores the B x M logits), the definition the kernel is tested against."""
+    logits = q.float() @ k.float().T / tau
+    positive = logits[torch.arange(q.shape[0], device=q.device), offset + torch.arange(q.shape[0], device=q.device)]
+    return (torch.logsumexp(logits, dim=1) - positive).to(q.dtype)
