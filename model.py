@@ -1,0 +1,240 @@
+"""The rRCM network: a compact pre-norm Vision Transformer that reads a noisy image and its noise level.
+
+Conventions shared by every script (read these first):
+- Images live in [0, 1] ("pixel space"). The network normalises with mean = std = 0.5, so it works in
+  [-1, 1] ("model space"). A Gaussian of std sigma added in pixel space is std sigma / 0.5 = 2 sigma in
+  model space, and that is the diffusion time t of the noisy image: `diffusion_time` is the one place
+  the factor 2 lives. Every user-facing --sigma is in pixel space, where certified radii are measured.
+- Noise is added in pixel space *before* normalising (`noisy_input`): randomized smoothing certifies
+  the classifier on pixel-space inputs, so the noise must be exactly N(0, sigma^2 I) there.
+- Diffusion follows EDM (Karras et al. 2022): x_t = x_0 + t * eps, and the network sees c_in(t) * x_t
+  with c_in(t) = 1 / sqrt(t^2 + sigma_data^2) plus a time token that embeds 250 * log(t).
+
+Token sequence: [class token, time token, patch tokens]. The normalised class token is the
+representation h(x_t, t); pre-training puts a projector MLP on it (Eq. 7-10), fine-tuning a linear head.
+"""
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+import kernels
+
+
+class UsageError(ValueError):
+    """A mistake in the user's input (flags, files): the scripts print it as one line and exit non-zero."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise conventions
+
+NORM_MEAN = NORM_STD = 0.5  # pixel [0, 1] -> model [-1, 1]
+
+# EDM (Karras et al. 2022) constants, in model space.
+SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
+
+
+def to_model_space(x: torch.Tensor) -> torch.Tensor:
+    return (x - NORM_MEAN) / NORM_STD
+
+
+def diffusion_time(sigma: float) -> float:
+    """Pixel-space noise std sigma -> model-space std, i.e. the diffusion time t = 2 sigma."""
+    return sigma / NORM_STD
+
+
+def noisy_input(x: torch.Tensor, sigma: float, eps: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """The smoothing input: x + sigma * eps in pixel space, then normalised; returns (x_t, t)."""
+    return to_model_space(x + sigma * eps), diffusion_time(sigma)
+
+
+def edm_sigmas(N: int) -> torch.Tensor:
+    """t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1.
+    Decreasing: t_0 = sigma_max, t_{N-1} = sigma_min (float64 so the ends are exact)."""
+    i = torch.arange(N, dtype=torch.float64)
+    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    return (hi + i / (N - 1) * (lo - hi)) ** RHO
+
+
+def c_in(t: torch.Tensor) -> torch.Tensor:
+    return 1.0 / torch.sqrt(t**2 + SIGMA_DATA**2)
+
+
+def time_input(t: torch.Tensor) -> torch.Tensor:
+    """The scalar the time token embeds: 250 log t (EDM's 1000 * 0.25 * log t)."""
+    return 250.0 * torch.log(t)
+
+
+def timestep_embedding(s: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of the scalars s [B] (cos half, then sin half)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=s.device, dtype=torch.float32) / half)
+    args = s.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network
+
+@dataclass
+class ViTConfig:
+    img_size: int = 32
+    patch_size: int = 4
+    width: int = 192
+    depth: int = 4
+    heads: int = 3
+    num_classes: int = 10
+    proj_hidden: int = 512
+    proj_dim: int = 256
+
+
+# Paper Table 3 (projector hidden / output dims in the last two values). `tiny` is ours, for CPU and tests.
+PRESETS = {
+    "tiny": dict(width=192, depth=4, heads=3, proj_hidden=512, proj_dim=256),
+    "S": dict(width=512, depth=6, heads=8, proj_hidden=2048, proj_dim=256),
+    "B": dict(width=768, depth=12, heads=12, proj_hidden=2048, proj_dim=256),
+    "B-Deep": dict(width=768, depth=24, heads=24, proj_hidden=4096, proj_dim=256),
+}
+DATASETS = {"cifar10": dict(img_size=32, patch_size=4, num_classes=10),
+            "imagenet": dict(img_size=224, patch_size=16, num_classes=1000)}
+
+
+def vit_config(preset: str, dataset: str) -> ViTConfig:
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    if dataset not in DATASETS:
+        raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    return ViTConfig(**PRESETS[preset], **DATASETS[dataset])
+
+
+class Attention(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b l (three h d) -> three b h l d", three=3, h=self.heads)
+        return self.proj(rearrange(kernels.attention(q, k, v), "b h l d -> b l (h d)"))
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width), Attention(width, heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def projector_mlp(width: int, hidden: int, out: int) -> nn.Sequential:
+    """The 3-layer MoCo-v3 projector: (Linear no bias -> BatchNorm -> ReLU) x 2, then Linear."""
+    return nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(),
+                         nn.Linear(hidden, out, bias=False))
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        num_patches = (cfg.img_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, stride=cfg.patch_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 2 + num_patches, cfg.width))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.heads) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.width)
+        self.projector = projector_mlp(cfg.width, cfg.proj_hidden, cfg.proj_dim)  # pre-training only
+        self.head = nn.Linear(cfg.width, cfg.num_classes)                          # fine-tuning only
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def features(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """h(x_t, t): the normalised class token [B, width] of a model-space input x_t at time t."""
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        x = self.patch_embed(c_in(t)[:, None, None, None] * x_t).flatten(2).transpose(1, 2)
+        time_token = timestep_embedding(time_input(t), self.cfg.width)[:, None].to(x.dtype)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), time_token, x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x[:, 0])
+
+    def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
+        """Class logits of a model-space input x_t at time t."""
+        return self.head(self.features(x_t, t))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs of the encoder for one image (qkv, proj, MLP: 24 L W^2; attention 4 L^2 W)."""
+        c = self.cfg
+        L, W, P = 2 + (c.img_size // c.patch_size) ** 2, c.width, c.patch_size
+        return c.depth * (24 * L * W * W + 4 * L * L * W) + 2 * (L - 2) * 3 * P * P * W
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints: one dict {kind, model_args, model, target, optimizer, step, config}, enough to rebuild
+# the model without being told its shape.
+
+def save_checkpoint(path: str, checkpoint: dict) -> None:
+    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(checkpoint, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, kind: str) -> dict:
+    """Load a checkpoint written by pretrain.py (kind "pretrain") or finetune.py (kind "finetune")."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for a truncated or foreign file
+        raise UsageError(f"checkpoint {path} is truncated or not a checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model_args" not in checkpoint:
+        raise UsageError(f"{path} is not an rRCM checkpoint")
+    if checkpoint["kind"] != kind:
+        raise UsageError(f"{path} is a {checkpoint['kind']} checkpoint, but a {kind} checkpoint is needed here")
+    return checkpoint
+
+
+def resume_checkpoint(out_dir: str, kind: str, resume: bool, config: dict, run_keys: tuple) -> dict | None:
+    """The checkpoint to continue from, or None for a fresh run. Refuses to overwrite an existing run
+    without --resume, and to resume one whose run-defining settings (`run_keys`) differ from `config`."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not resume:
+        if os.path.exists(path):
+            raise UsageError(f"{path} exists; pass --resume to continue that run or choose another --out")
+        return None
+    if not os.path.exists(path):
+        raise UsageError(f"--resume given but {path} does not exist")
+    checkpoint = load_checkpoint(path, kind)
+    changed = [k for k in run_keys if checkpoint["config"].get(k) != config[k]]
+    if changed:
+        raise UsageError(f"{path} was made with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
+    return checkpoint
+
+
+def model_from_checkpoint(checkpoint: dict, weights: str = "model") -> ViT:
+    model = ViT(ViTConfig(**checkpoint["model_args"]))
+    model.load_state_dict(checkpoint[weights])
+    return model
+
+
+def model_args(model: ViT) -> dict:
+    return asdict(model.cfg)
