@@ -178,5 +178,6 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch attention, the definition the fused kernel is tested against (fp32 math)."""
-    scores = q.float() @ k.float().transpose(-2, -1) / math.sqrt(q.shape[-1])
-    return (scores.softmax(-1) @ v.float()).to(q.dtype)
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 math, float64 kept for gradcheck
+    scores = q.to(wide) @ k.to(wide).transpose(-2, -1) / math.sqrt(q.shape[-1])
+    return (scores.softmax(-1) @ v.to(wide)).to(q.dtype)

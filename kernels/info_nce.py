@@ -143,6 +143,7 @@ def info_nce_triton(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 
 
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
     """Plain PyTorch InfoNCE (stores the B x M logits), the definition the kernel is tested against."""
-    logits = q.float() @ k.float().T / tau
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 math, float64 kept for gradcheck
+    logits = q.to(wide) @ k.to(wide).T / tau
     positive = logits[torch.arange(q.shape[0], device=q.device), offset + torch.arange(q.shape[0], device=q.device)]
     return (torch.logsumexp(logits, dim=1) - positive).to(q.dtype)

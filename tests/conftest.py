@@ -1,0 +1,53 @@
+"""Shared test set-up. TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here."""
+import os
+import pickle
+import sys
+
+os.environ["TRITON_INTERPRET"] = "1"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import kernels  # noqa: E402
+
+
+def write_cifar(folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0) -> None:
+    """A tiny CIFAR-10 in the official pickle layout. Class c is a solid colour pattern plus noise, so a
+    model can learn it in a few steps."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(folder, "cifar-10-batches-py"), exist_ok=True)
+    palette = rng.integers(0, 256, size=(10, 3))
+
+    def batch(n):
+        labels = rng.integers(0, 10, size=n)
+        images = palette[labels][:, :, None].repeat(1024, axis=2) + rng.normal(0, 20, size=(n, 3, 1024))
+        return {b"data": np.clip(images, 0, 255).astype(np.uint8).reshape(n, 3072), b"labels": labels.tolist()}
+
+    files = {f"data_batch_{i}": n_train // 5 for i in range(1, 6)} | {"test_batch": n_test}
+    for name, n in files.items():
+        with open(os.path.join(folder, "cifar-10-batches-py", name), "wb") as f:
+            pickle.dump(batch(n), f, protocol=4)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory) -> str:
+    folder = str(tmp_path_factory.mktemp("cifar"))
+    write_cifar(folder)
+    return folder
+
+
+@pytest.fixture
+def torch_kernels():
+    kernels.use("torch")
+    yield
+    kernels.use("torch")
+
+
+@pytest.fixture
+def triton_kernels():
+    kernels.use("triton")
+    yield
+    kernels.use("torch")

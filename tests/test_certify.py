@@ -1,0 +1,83 @@
+"""CERTIFY and PREDICT against closed forms and independent statistics."""
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import brentq
+from scipy.stats import binom, norm
+
+import certify
+
+
+def clopper_pearson_lower(k, n, alpha):
+    """Independent: the p at which P(X >= k | n, p) = alpha, by root finding on the binomial tail."""
+    return 0.0 if k == 0 else brentq(lambda p: binom.sf(k - 1, n, p) - alpha, 1e-15, 1 - 1e-15, xtol=1e-14)
+
+
+@pytest.mark.parametrize("k,n,alpha", [(1, 10, 0.05), (990, 1000, 0.001), (50, 100, 0.001), (100000, 100000, 0.001), (0, 100, 0.001)])
+def test_lower_confidence_bound_is_clopper_pearson(k, n, alpha):
+    assert abs(certify.lower_confidence_bound(k, n, alpha) - clopper_pearson_lower(k, n, alpha)) < 1e-9
+
+
+def test_certify_from_counts_closed_form():
+    sigma, n, alpha = 0.5, 1000, 0.001
+    counts0 = np.array([3, 90, 7])
+    pred, radius = certify.certify_from_counts(counts0, np.array([10, 980, 10]), n, alpha, sigma)
+    assert pred == 1 and abs(radius - sigma * norm.ppf(clopper_pearson_lower(980, n, alpha))) < 1e-9
+    # selection picks class 1, but estimation counts for class 1 are too low: abstain
+    assert certify.certify_from_counts(counts0, np.array([500, 480, 20]), n, alpha, sigma) == (certify.ABSTAIN, 0.0)
+
+
+class Linear(torch.nn.Module):
+    """Class 0 iff the mean of the model-space input is > 0, i.e. iff the mean pixel is > 0.5.
+    With x = 0.5 + d everywhere and pixel noise sigma, P(class 0) = Phi(d sqrt(D) / sigma), and the
+    exact L2 distance to the decision boundary is d sqrt(D): the smoothed radius must approach it."""
+
+    cfg = type("cfg", (), {"num_classes": 2})
+
+    def forward(self, x_t, t):
+        m = x_t.flatten(1).mean(1)
+        return torch.stack([m, -m], 1)
+
+
+def run_certify(d, sigma=0.5, n=20000, n0=100, batch=1000, seed=0, shape=(3, 4, 4)):
+    x = torch.full(shape, 0.5 + d)
+    classify = lambda x, eps: certify.predict_noisy(Linear(), x, eps, sigma)
+    counts0 = certify.sample_counts(classify, x, n0, batch, 2, seed, 7, "select")
+    counts = certify.sample_counts(classify, x, n, batch, 2, seed, 7, "estimate")
+    return certify.certify_from_counts(counts0, counts, n, 0.001, sigma), counts
+
+
+def test_certify_radius_matches_linear_classifier_closed_form():
+    D, sigma, d = 48, 0.5, 0.1
+    (pred, radius), counts = run_certify(d, sigma)
+    p = norm.cdf(d * np.sqrt(D) / sigma)
+    assert abs(counts[0] / counts.sum() - p) < 4 * np.sqrt(p * (1 - p) / counts.sum())
+    assert pred == 0
+    assert radius <= d * np.sqrt(D) and radius > d * np.sqrt(D) - 0.1  # the bound is below the truth, and close
+
+
+def test_certify_abstains_on_the_boundary():
+    (pred, radius), _ = run_certify(0.0, n=2000)
+    assert pred == certify.ABSTAIN and radius == 0.0
+
+
+def test_noise_does_not_depend_on_batch_size():
+    a = certify.noise((3, 4, 4), 500, 0, 1, 5, "estimate", torch.device("cpu"))
+    b = torch.cat([certify.noise((3, 4, 4), 200, s, 1, 5, "estimate", torch.device("cpu")) for s in (0, 200, 400)])[:500]
+    assert torch.equal(a, b)
+    c = certify.noise((3, 4, 4), 100, 0, 1, 6, "estimate", torch.device("cpu"))
+    assert not torch.equal(a[:100], c)  # another image gets other noise
+    assert abs(a.mean().item()) < 0.05 and abs(a.std().item() - 1) < 0.05
+
+
+def test_predict_uses_binomial_test():
+    assert certify.predict_from_counts(np.array([5, 60, 35]), 0.001) == certify.ABSTAIN  # p-value of 60 vs 35 is 0.013
+    assert certify.predict_from_counts(np.array([5, 80, 15]), 0.001) == 1
+
+
+def test_summary_table(tmp_path):
+    tsv = tmp_path / "c.tsv"
+    tsv.write_text(certify.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
+    rows = certify.read_tsv(str(tsv))
+    assert [certify.certified_accuracy(rows["radius"], rows["correct"], r) for r in (0, 0.25, 0.5, 1.0)] == [0.5, 0.5, 0.25, 0.0]
+    assert "ACR 0.275" in certify.summary(str(tsv))

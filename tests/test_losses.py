@@ -1,0 +1,85 @@
+"""Schedules, losses and the noise convention against hand-written references."""
+import math
+
+import numpy as np
+import torch
+
+import certify
+import finetune
+import model
+import pretrain
+
+
+def test_edm_sigmas_match_karras_formula():
+    N = 21
+    want = [(80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(N)]
+    got = model.edm_sigmas(N)
+    assert np.allclose(got.numpy(), want, rtol=1e-12)
+    assert abs(got[0].item() - 80.0) < 1e-9 and abs(got[-1].item() - 0.002) < 1e-12
+    assert (got[1:] < got[:-1]).all()
+
+
+def test_num_scales_curriculum():
+    K = 300_000
+    k_prime = math.ceil(K / np.log2(5))  # ceil(300000 / 2.3219...) = 129203
+    assert k_prime == 129203
+    expect = {0: 21, 1: 41, k_prime: 41, k_prime + 1: 81, K - 1: 81}
+    assert {k: pretrain.num_scales(k, K) for k in expect} == expect
+
+
+def test_ema_rate_sigmoid_schedule():
+    K, s, e, A = 1000, 0.99, 0.9999, 15.0
+    assert abs(pretrain.ema_rate(0, K) - s) < 1e-15  # c = 0 at the start
+    for k in (10, 250, 999, 1000, 5000):
+        ramp = np.sqrt(min(k, K) / K * (e * e - s * s) + s * s)
+        c = 2.0 / (1.0 + np.exp(-A * (ramp - s) / (e - s))) - 1.0
+        assert abs(pretrain.ema_rate(k, K) - (c * e + (1 - c) * s)) < 1e-12
+    assert pretrain.ema_rate(K, K) > 0.99989
+
+
+def test_finetune_loss_is_eq_12():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 10, dtype=torch.float64) * 3
+    y = torch.tensor([1, 0, 9, 4])
+    eta1, eta2 = 10.0, 0.5
+    got, _ = finetune.finetune_loss(logits, y, eta1, eta2)
+    L = logits.numpy()
+    p = np.exp(L - L.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ce = np.mean([-np.log(p[i, b, y[b]]) for i in range(2) for b in range(4)])
+    p_bar = p.mean(0)
+    kl = np.mean([np.mean([np.sum(p_bar[b] * np.log(p_bar[b] / p[i, b])) for i in range(2)]) for b in range(4)])
+    entropy = np.mean([-np.sum(p_bar[b] * np.log(p_bar[b])) for b in range(4)])
+    assert abs(got.item() - (ce + eta1 * kl + eta2 * entropy)) < 1e-6 * 25  # the loss is computed in fp32
+
+
+class Spy(torch.nn.Module):
+    """A 'model' that records what it is fed and always answers class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x_t, t):
+        self.seen.append((x_t.clone(), t))
+        return torch.zeros(x_t.shape[0], 10).index_fill_(1, torch.tensor([0]), 1.0)
+
+
+def test_noise_is_added_in_pixel_space_before_normalising():
+    """The certified classifier must see normalise(x + sigma eps), i.e. (x + sigma eps - 0.5) / 0.5, at
+    t = 2 sigma. Adding the noise after normalising would give (x - 0.5) / 0.5 + sigma eps instead."""
+    torch.manual_seed(0)
+    x, sigma = torch.rand(3, 4, 4), 0.25
+    spy = Spy()
+    eps = torch.randn(7, 3, 4, 4)
+    certify.predict_noisy(spy, x, eps, sigma)
+    seen, t = spy.seen[0]
+    want = (x[None] + sigma * eps - 0.5) / 0.5
+    assert torch.allclose(seen, want) and t == 2 * sigma
+    assert not torch.allclose(seen, (x[None] - 0.5) / 0.5 + sigma * eps)
+
+
+def test_finetune_noise_uses_the_same_convention():
+    x, eps = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    x_t, t = model.noisy_input(x, 0.5, eps)
+    assert torch.allclose(x_t, 2 * (x + 0.5 * eps) - 1) and t == 1.0

@@ -1,0 +1,132 @@
+"""The three stages end to end on a tiny data set, reproducibility, resume, and bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import certify
+import finetune
+import pretrain
+from conftest import ROOT
+from model import load_checkpoint, model_from_checkpoint
+
+TINY = ["--preset", "tiny", "--batch", "20", "--warmup", "2", "--log-every", "1", "--no-compile", "--kernels", "torch"]
+
+
+def run_pretrain(cifar_dir, out, steps=3, extra=()):
+    pretrain.main(["--data-dir", cifar_dir, "--out", str(out), "--steps", str(steps), *TINY, *extra])
+    return load_checkpoint(os.path.join(out, "ckpt.pt"), "pretrain")
+
+
+def same_weights(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
+    run_pretrain(cifar_dir, tmp_path / "pre")
+    finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
+                   "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--no-compile", "--kernels", "torch"])
+    tsv = tmp_path / "c.tsv"
+    certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv),
+                  "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", "--no-compile", "--kernels", "torch"])
+    lines = tsv.read_text().splitlines()
+    assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and [l.split("\t")[0] for l in lines[1:]] == ["0", "5", "10"]
+    for line in lines[1:]:
+        idx, label, pred, radius, correct, _ = line.split("\t")
+        assert int(correct) == (pred == label) and (float(radius) > 0) == (pred != "-1")
+    out = capsys.readouterr().out
+    assert "certified %" in out and "ACR" in out
+
+
+def test_finetune_loss_decreases_on_a_set_it_can_overfit(cifar_dir, tmp_path, capsys):
+    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
+                   "--sigma", "0.12", "--eta1", "0", "--eta2", "0", "--epochs", "10", "--warmup-epochs", "1", "--batch", "20",
+                   "--lr", "1e-3", "--log-every", "1", "--no-compile", "--kernels", "torch"])
+    losses = [float(l.split("| ce ")[1].split()[0]) for l in capsys.readouterr().out.splitlines() if "| ce " in l]
+    assert len(losses) == 30 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+
+
+def test_pretraining_is_reproducible_and_checkpoints_reload(cifar_dir, tmp_path):
+    a, b = run_pretrain(cifar_dir, tmp_path / "a"), run_pretrain(cifar_dir, tmp_path / "b")
+    assert same_weights(a["model"], b["model"]) and same_weights(a["target"], b["target"])
+    c = run_pretrain(cifar_dir, tmp_path / "c", extra=("--seed", "1"))
+    assert not same_weights(a["model"], c["model"])
+    model = model_from_checkpoint(a).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        again = model_from_checkpoint(load_checkpoint(str(tmp_path / "a" / "ckpt.pt"), "pretrain")).eval()
+        assert torch.equal(model.features(x, 0.5), again.features(x, 0.5))
+
+
+def test_resumed_pretraining_matches_an_uninterrupted_run(cifar_dir, tmp_path, monkeypatch):
+    full = run_pretrain(cifar_dir, tmp_path / "full", steps=4)
+    real_update, calls = pretrain.update_target, []
+
+    def crash_on_third_step(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # pre-empted after the step-2 checkpoint
+        real_update(*args)
+
+    monkeypatch.setattr(pretrain, "update_target", crash_on_third_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(cifar_dir, tmp_path / "cut", steps=4, extra=("--save-every", "2"))
+    monkeypatch.setattr(pretrain, "update_target", real_update)
+    assert load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"), "pretrain")["step"] == 2
+    resumed = run_pretrain(cifar_dir, tmp_path / "cut", steps=4, extra=("--save-every", "2", "--resume"))
+    assert resumed["step"] == 4
+    assert same_weights(full["model"], resumed["model"]) and same_weights(full["target"], resumed["target"])
+
+
+def script(*argv, cwd=ROOT):
+    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def finetuned(cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ft")
+    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--epochs", "1",
+                   "--warmup-epochs", "0", "--batch", "20", "--no-compile", "--kernels", "torch"])
+    return str(out / "ckpt.pt")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["certify.py", "--sigma", "0"], "--sigma must be > 0"),
+    (["certify.py", "--sigma", "-1"], "--sigma must be > 0"),
+    (["certify.py", "--sigma", "abc"], "invalid float value"),
+    (["certify.py", "--n", "0"], "--n must be >= 1"),
+    (["certify.py", "--n0", "0"], "--n0 must be >= 1"),
+    (["certify.py", "--alpha", "1.5"], "--alpha must be in (0, 1)"),
+    (["certify.py", "--checkpoint", "nowhere.pt"], "nowhere.pt does not exist"),
+    (["finetune.py", "--sigma", "nan"], "--sigma must be > 0"),
+    (["finetune.py", "--batch", "0"], "--batch must be >= 1"),
+    (["pretrain.py", "--preset", "huge", "--data-dir", "{data}"], "unknown preset 'huge'"),
+    (["pretrain.py", "--preset", "tiny", "--data-dir", "{empty}"], "data_batch_1 is missing"),
+    (["certify.py", "--checkpoint", "{truncated}"], "truncated or not a checkpoint"),
+    (["finetune.py", "--init", "{finetuned}", "--data-dir", "{data}"], "finetune checkpoint, but a pretrain checkpoint is needed"),
+])
+def test_bad_input_is_one_line_and_nonzero(argv, message, cifar_dir, finetuned, tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "cifar-10-batches-py").mkdir(parents=True)
+    truncated = tmp_path / "t.pt"
+    truncated.write_bytes(open(finetuned, "rb").read()[:1000])
+    argv = [a.format(data=cifar_dir, empty=empty, truncated=truncated, finetuned=finetuned) for a in argv]
+    result = script(*argv, "--kernels", "torch")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def test_certify_refuses_a_pretrain_checkpoint(cifar_dir, tmp_path):
+    run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
+    result = script("certify.py", "--checkpoint", str(tmp_path / "pre" / "ckpt.pt"), "--kernels", "torch")
+    assert result.returncode != 0 and "pretrain checkpoint, but a finetune checkpoint is needed" in result.stderr
+
+
+def test_pretrain_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
+    run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
+    before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
+    result = script("pretrain.py", "--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY)
+    assert result.returncode != 0 and "pass --resume" in result.stderr
+    assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
