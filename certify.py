@@ -15,7 +15,7 @@ seeded per (image index, phase, chunk of 100 samples): results do not depend on 
 many processes share the images.
 
     python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --sigma 0.25 --n 100000
-    torchrun --standalone --nproc_per_node=8 certify.py --checkpoint ... --sigma 0.25
+    torchrun --standalone --nproc_per_node=8 -- certify.py --checkpoint ... --sigma 0.25
 Output: a TSV `idx label predict radius correct time` (appended and flushed per image; re-running the
 same command continues after a kill), then a table of certified accuracy by radius.
 """

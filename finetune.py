@@ -8,7 +8,7 @@ AdamW with layer-wise lr decay, linear warm-up then cosine. Clean and noisy test
     python finetune.py --init out/pretrain/ckpt.pt --sigma 0.25             # rRCM
     python finetune.py --init scratch --preset B --sigma 0.25 --eta1 0 --eta2 0   # Gaussian baseline (Cohen et al.)
     python finetune.py --init scratch --preset B --sigma 0.25               # Consistency baseline (Jeong & Shin)
-    torchrun --standalone --nproc_per_node=8 finetune.py --init ... --sigma 0.5
+    torchrun --standalone --nproc_per_node=8 -- finetune.py --init ... --sigma 0.5
 """
 import argparse
 import contextlib
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import kernels
 from data import Images, batch_indices, generator, init_distributed, weak_augment
-from model import (UsageError, ViT, load_checkpoint, model_args, model_from_checkpoint, noisy_input,
+from model import (UsageError, ViT, check_finite, load_checkpoint, model_args, model_from_checkpoint, noisy_input,
                    resume_checkpoint, save_checkpoint, vit_config)
 
 ETA1_BY_SIGMA = {0.25: 10.0, 0.5: 20.0, 1.0: 20.0}  # the authors' released settings
@@ -187,19 +187,20 @@ def main(argv=None) -> None:
         with autocast:
             logits = net(x_t.reshape(-1, *x.shape[1:]), t).reshape(COPIES, x.shape[0], -1)
             loss, parts = finetune_loss(logits, y, args.eta1, args.eta2)
-        if not torch.isfinite(loss):
-            bad = next(k for k, v in parts.items() if not torch.isfinite(v))
-            raise SystemExit(f"finetune.py: error: {bad} loss is {parts[bad].item()} at step {step}; "
-                             f"the last good checkpoint is left as it was")
+        check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
 
-        if master and (step % args.log_every == 0 or step == total):
+        if step % args.log_every == 0 or step == total:
+            metrics = torch.stack([loss.detach(), parts["ce"], parts["kl"], parts["entropy"]]).float()
+            if world > 1:
+                dist.all_reduce(metrics)
+                metrics /= world
             rate = (step - last_logged) * args.batch / (time.time() - t_last)
-            say(f"step {step}/{total} | loss {loss.item():.4f} | ce {parts['ce'].item():.4f} | kl {parts['kl'].item():.4f} | "
-                f"entropy {parts['entropy'].item():.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {rate:.1f} img/s")
+            say(f"step {step}/{total} | loss {metrics[0]:.4f} | ce {metrics[1]:.4f} | kl {metrics[2]:.4f} | "
+                f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {rate:.1f} img/s")
             t_last, last_logged = time.time(), step
         if step % steps_per_epoch == 0:
             clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch)

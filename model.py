@@ -15,6 +15,7 @@ representation h(x_t, t); pre-training puts a projector MLP on it (Eq. 7-10), fi
 """
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -184,6 +185,15 @@ class ViT(nn.Module):
         c = self.cfg
         L, W, P = 2 + (c.img_size // c.patch_size) ** 2, c.width, c.patch_size
         return c.depth * (24 * L * W * W + 4 * L * L * W) + 2 * (L - 2) * 3 * P * P * W
+
+
+def check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
+    """Stop a training run on a non-finite loss, before the optimizer step, so neither the weights nor the
+    last checkpoint are touched. One host sync per step; the terms are only inspected when it fails."""
+    if not torch.isfinite(total):
+        name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", total))
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {name} loss is {value.item()} at step {step}; "
+                         f"the last good checkpoint is left as it was")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -11,9 +11,9 @@ The two are summed with equal weight (as in the authors' code). The discretisati
 (improved consistency training's doubling curriculum).
 
     python pretrain.py --dataset cifar10 --data-dir data --preset B          # one GPU
-    torchrun --standalone --nproc_per_node=8 pretrain.py --preset B         # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 -- pretrain.py --preset B         # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
-        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 pretrain.py --preset B  # two nodes (node_rank=1 on the other)
+        --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -- pretrain.py --preset B  # two nodes (node_rank=1 on the other)
     python pretrain.py ... --resume                                          # continue out/pretrain/ckpt.pt
 """
 import argparse
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 import kernels
 from data import Images, batch_indices, gather_rows, generator, init_distributed, moco_views, weak_augment
-from model import (SIGMA_MIN, UsageError, ViT, edm_sigmas, model_args, resume_checkpoint, save_checkpoint,
+from model import (SIGMA_MIN, UsageError, ViT, check_finite, edm_sigmas, model_args, resume_checkpoint, save_checkpoint,
                    to_model_space, vit_config)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
@@ -165,6 +165,11 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
 
+    if world > 1 and device.type == "cuda":
+        # The projector's BatchNorm should see the global batch, as in the authors' runs. (SyncBatchNorm is
+        # GPU-only; CPU/gloo runs, which exist for testing, keep per-rank statistics.)
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
     objective = Objective(model, args.tau)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
@@ -205,10 +210,7 @@ def main(argv=None) -> None:
                 k1, k2 = target_fwd(target, v1, v2, eps)
             loss_cons, loss_ctr = objective(x0, v1, v2, eps, sigmas[n], sigmas[n + 1], k1, k2)
             loss = loss_cons + loss_ctr
-        if not torch.isfinite(loss):
-            bad = "consistency" if not torch.isfinite(loss_cons) else "contrastive"
-            raise SystemExit(f"pretrain.py: error: {bad} loss is {float(loss_cons if bad == 'consistency' else loss_ctr)} "
-                             f"at step {step}; the last good checkpoint is left as it was")
+        check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = args.grad_clip if step >= args.warmup else float("inf")
