@@ -34,10 +34,10 @@ from scipy.stats import beta, binomtest, norm
 import kernels
 from data import Images, generator, init_distributed
 from model import UsageError, load_checkpoint, model_from_checkpoint, noisy_input
+from report import HEADER, summary
 
 NOISE_CHUNK = 100  # samples per noise seed; --batch must be a multiple so batches never split a chunk
 ABSTAIN = -1
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -154,30 +154,6 @@ def open_results(path: str, config: dict) -> dict[int, str]:
         with open(path, "w") as f:
             f.write(HEADER + "\n")
     return done
-
-
-def read_tsv(path: str) -> dict[str, np.ndarray]:
-    with open(path) as f:
-        rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
-    if not rows or "\t".join(rows[0]) != HEADER:
-        raise UsageError(f"{path} is not a certification TSV (header must be: {HEADER.expandtabs(1)})")
-    cols = np.array(rows[1:], dtype=float).reshape(-1, 6).T
-    return dict(radius=cols[3], correct=cols[4], time=cols[5])
-
-
-def certified_accuracy(radius: np.ndarray, correct: np.ndarray, r: float) -> float:
-    """Fraction of images classified correctly with certified radius >= r (abstentions count as wrong)."""
-    return float(np.mean((correct == 1) & (radius >= r))) if len(radius) else 0.0
-
-
-def summary(path: str) -> str:
-    rows = read_tsv(path)
-    radii = np.arange(0, max(1.0, rows["radius"].max(initial=0)) + 0.25, 0.25)
-    acc = " ".join(f"{certified_accuracy(rows['radius'], rows['correct'], r) * 100:6.1f}" for r in radii)
-    acr = float(np.mean(rows["radius"] * rows["correct"])) if len(rows["radius"]) else 0.0
-    return (f"{len(rows['radius'])} images, {rows['time'].mean():.2f} s per image\n"
-            f"radius       {' '.join(f'{r:6.2f}' for r in radii)}\n"
-            f"certified %  {acc}\nACR {acr:.3f}")
 
 
 # ----------------------------------------------------------------------------------------------------

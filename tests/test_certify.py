@@ -6,6 +6,7 @@ from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
 import certify
+import report
 
 
 def clopper_pearson_lower(k, n, alpha):
@@ -75,9 +76,23 @@ def test_predict_uses_binomial_test():
     assert certify.predict_from_counts(np.array([5, 80, 15]), 0.001) == 1
 
 
-def test_summary_table(tmp_path):
-    tsv = tmp_path / "c.tsv"
-    tsv.write_text(certify.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
-    rows = certify.read_tsv(str(tsv))
-    assert [certify.certified_accuracy(rows["radius"], rows["correct"], r) for r in (0, 0.25, 0.5, 1.0)] == [0.5, 0.5, 0.25, 0.0]
-    assert "ACR 0.275" in certify.summary(str(tsv))
+def test_report_table_and_envelope(tmp_path):
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    a.write_text(report.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
+    b.write_text(report.HEADER + "\n0\t1\t1\t1.3\t1\t1.0\n1\t2\t0\t0.8\t0\t1.0\n2\t0\t0\t0.1\t1\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
+    rows = report.read_tsv(str(a))
+    assert [report.certified_accuracy(rows["radius"], rows["correct"], r) for r in (0, 0.25, 0.5, 1.0)] == [0.5, 0.5, 0.25, 0.0]
+    assert report.average_certified_radius(rows["radius"], rows["correct"]) == pytest.approx(0.275)
+    lines = report.table(["a", "b"], [rows, report.read_tsv(str(b))], envelope=True).splitlines()
+    # radii 0 .. 1.25 (the largest certified radius is 1.3); a: 50 50 25 25 0 0, b: 50 25 25 25 25 25
+    assert lines[0].split()[1:] == ["0.00", "0.25", "0.50", "0.75", "1.00", "1.25", "ACR", "images"]
+    assert lines[1].split()[1:] == ["50.0", "50.0", "25.0", "25.0", "0.0", "0.0", "0.275", "4"]
+    assert lines[2].split()[1:7] == ["50.0", "25.0", "25.0", "25.0", "25.0", "25.0"]
+    assert lines[3].split()[3:9] == ["50.0", "50.0", "25.0", "25.0", "25.0", "25.0"]  # best of above
+
+
+def test_report_rejects_a_file_that_is_not_a_tsv(tmp_path):
+    bad = tmp_path / "x.tsv"
+    bad.write_text("hello\n")
+    with pytest.raises(report.ReportError, match="not a certification TSV"):
+        report.read_tsv(str(bad))

@@ -1,0 +1,88 @@
+"""Noise samples per second of certify.py's loop against a loop written like the original randomized-
+smoothing code (Cohen et al. 2019: repeat the image, draw noise, run the model, argmax, count on the host
+per batch). Same model, same N, eager and torch.compile'd, measured side by side in one run.
+
+    python bench/certify.py                      # GPU: rRCM-B, N = 100,000, bf16 -> seconds per certified image
+    python bench/certify.py --preset tiny        # what bench/README.md records for a 2-core CPU
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import certify  # noqa: E402
+from model import ViT, noisy_input, vit_config  # noqa: E402
+
+GPU = torch.cuda.is_available()
+
+
+@torch.no_grad()
+def cohen_counts(model, x: torch.Tensor, num: int, batch: int, sigma: float, num_classes: int) -> np.ndarray:
+    """The reference loop, as in locuslab/smoothing core.py `_sample_noise`."""
+    counts = np.zeros(num_classes, dtype=int)
+    remaining = num
+    while remaining > 0:
+        b = min(batch, remaining)
+        remaining -= b
+        xb = x.repeat((b, 1, 1, 1))
+        predictions = model(*noisy_input(xb, sigma, torch.randn_like(xb))).argmax(1)
+        counts += np.bincount(predictions.cpu().numpy(), minlength=num_classes)
+    return counts
+
+
+def ours(model, x, num, batch, sigma, num_classes, compiled):
+    classify = lambda x, eps: certify.predict_noisy(model, x, eps, sigma)
+    classify = torch.compile(classify) if compiled else classify
+    return lambda: certify.sample_counts(classify, x, num, batch, num_classes, 0, 0, "estimate")
+
+
+def timed(fn, reps: int) -> float:
+    fn()  # warm-up: compilation, autotuning, allocator
+    if GPU:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if GPU:
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--preset", default="B" if GPU else "tiny")
+    p.add_argument("--n", type=int, default=100_000 if GPU else 2_000)
+    p.add_argument("--batch", type=int, default=2_000 if GPU else 500)
+    p.add_argument("--reps", type=int, default=3)
+    args = p.parse_args()
+    device = torch.device("cuda" if GPU else "cpu")
+    model = ViT(vit_config(args.preset, "cifar10")).to(device).eval()
+    x = torch.rand(3, 32, 32, device=device)
+    sigma, C = 0.25, model.cfg.num_classes
+    autocast = torch.autocast("cuda", torch.bfloat16) if GPU else contextlib.nullcontext()
+    compiled_model = torch.compile(model)
+    loops = {
+        "reference loop, eager": lambda: cohen_counts(model, x, args.n, args.batch, sigma, C),
+        "reference loop, compiled model": lambda: cohen_counts(compiled_model, x, args.n, args.batch, sigma, C),
+        "certify.py loop, eager": ours(model, x, args.n, args.batch, sigma, C, compiled=False),
+        "certify.py loop, compiled": ours(model, x, args.n, args.batch, sigma, C, compiled=True),
+    }
+    where = torch.cuda.get_device_name() if GPU else f"CPU ({os.cpu_count()} cores)"
+    print(f"{where}, preset {args.preset}, N = {args.n}, batch {args.batch}, torch {torch.__version__}")
+    base = None
+    with autocast:
+        for name, fn in loops.items():
+            seconds = timed(fn, args.reps)
+            base = base or seconds
+            per_image = seconds * (args.n + 100) / args.n  # CERTIFY also draws n0 = 100 selection samples
+            print(f"  {name:32s} {args.n / seconds:10.0f} samples/s   {per_image:8.3f} s per certified image "
+                  f"(n0 + n)   {base / seconds:5.2f}x the reference")
+
+
+if __name__ == "__main__":
+    main()

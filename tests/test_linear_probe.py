@@ -1,0 +1,50 @@
+"""Linear probing: the head, the inputs it is evaluated on, and the script end to end."""
+import torch
+
+import linear_probe
+import pretrain
+from data import Images
+from model import SIGMA_MIN
+
+
+def test_head_separates_separable_features():
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 3
+    labels = torch.arange(4).repeat(50)
+    feats = centres[labels] + 0.3 * torch.randn(200, 16)
+    head = linear_probe.train_head(feats, labels, 4, epochs=20, batch=32, lr=1e-2, seed=0)
+    assert (head(feats).argmax(1) == labels).float().mean() == 1.0
+
+
+class Spy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def features(self, x_t, t):
+        self.seen.append((x_t, t))
+        return x_t.flatten(1)[:, :4]
+
+
+def test_probe_inputs_clean_at_sigma_min_and_noisy_at_two_sigma(cifar_dir):
+    test = Images("cifar10", cifar_dir, "test", torch.device("cpu"))
+    spy = Spy()
+    linear_probe.representations(spy, test, 5, 0.0, 0, 5)
+    linear_probe.representations(spy, test, 5, 0.5, 0, 5)
+    (clean, t0), (noisy, t1) = spy.seen
+    x, _ = test.batch(torch.arange(5))
+    assert t0 == SIGMA_MIN and torch.equal(clean, 2 * x - 1)
+    residual = (noisy - (2 * x - 1)) / (2 * 0.5)  # must be standard normal noise
+    assert t1 == 1.0 and abs(residual.std().item() - 1) < 0.1
+
+
+def test_linear_probe_script(cifar_dir, tmp_path, capsys):
+    pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path), "--steps", "2", "--preset", "tiny", "--batch", "20",
+                   "--no-compile", "--kernels", "torch"])
+    capsys.readouterr()
+    linear_probe.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "50",
+                       "--batch", "20", "--lr", "1e-2", "--kernels", "torch"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split() == ["sigma", "0.00", "0.25", "0.50", "1.00"]
+    accuracies = [float(a) for a in lines[2].split()[1:]]
+    assert len(accuracies) == 4 and accuracies[0] >= 50  # solid-colour classes, 10% is chance
