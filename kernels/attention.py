@@ -26,6 +26,12 @@ _CONFIGS = [(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32
 
 
 @triton.jit
+def _load(X, base, rows, cols, row_ok, col_ok, D, UPCAST: tl.constexpr):
+    """The [rows, cols] tile of one head's [L, D] matrix; out-of-range rows and columns read as 0."""
+    return tile(tl.load(X + base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
                 D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -35,7 +41,7 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
     cols = tl.arange(0, D_PAD)
     row_ok = rows < L
     col_ok = cols < D
-    q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+    q = _load(Q, base, rows, cols, row_ok, col_ok, D, UPCAST)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)   # running max (log2 units)
     l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2
@@ -43,9 +49,8 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
     for start_n in range(0, L, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < L
-        kv_mask = key_ok[:, None] & col_ok[None, :]
-        k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
-        v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
+        v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -73,16 +78,15 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
     key_ok = keys < L
     col_ok = cols < D
     kv_mask = key_ok[:, None] & col_ok[None, :]
-    k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
-    v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+    k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
+    v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
     dk = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     dv = tl.zeros([BLOCK_N, D_PAD], tl.float32)
     for start_m in range(0, L, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
         row_ok = rows < L
-        q_mask = row_ok[:, None] & col_ok[None, :]
-        q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
-        do = tile(tl.load(DO + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+        q = _load(Q, base, rows, cols, row_ok, col_ok, D, UPCAST)
+        do = _load(DO, base, rows, cols, row_ok, col_ok, D, UPCAST)
         # lse = +inf on padded rows makes their p exactly 0.
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
@@ -108,17 +112,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
     row_ok = rows < L
     col_ok = cols < D
     q_mask = row_ok[:, None] & col_ok[None, :]
-    q = tile(tl.load(Q + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
-    do = tile(tl.load(DO + base + rows[:, None] * D + cols[None, :], mask=q_mask, other=0.0), UPCAST)
+    q = _load(Q, base, rows, cols, row_ok, col_ok, D, UPCAST)
+    do = _load(DO, base, rows, cols, row_ok, col_ok, D, UPCAST)
     lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, D_PAD], tl.float32)
     for start_n in range(0, L, BLOCK_N):
         keys = start_n + tl.arange(0, BLOCK_N)
         key_ok = keys < L
-        kv_mask = key_ok[:, None] & col_ok[None, :]
-        k = tile(tl.load(K + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
-        v = tile(tl.load(V + base + keys[:, None] * D + cols[None, :], mask=kv_mask, other=0.0), UPCAST)
+        k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
+        v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
         s = tl.dot(q, tl.trans(k)) * scale_log2
         p = tl.exp2(s - lse[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
