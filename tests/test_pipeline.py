@@ -36,8 +36,11 @@ def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
     for line in lines[1:]:
         idx, label, pred, radius, correct, _ = line.split("\t")
         assert int(correct) == (pred == label) and (float(radius) > 0) == (pred != "-1")
-    out = capsys.readouterr().out
-    assert "certified %" in out and "ACR" in out
+    rows = [line.split("\t") for line in lines[1:]]
+    at_zero = 100 * sum(r[4] == "1" for r in rows) / 3
+    acr = sum(float(r[3]) * int(r[4]) for r in rows) / 3
+    summary_row = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("c.tsv")).split()
+    assert float(summary_row[1]) == pytest.approx(at_zero, abs=0.05) and float(summary_row[-2]) == pytest.approx(acr, abs=5e-4)
 
 
 def test_finetune_loss_decreases_on_a_set_it_can_overfit(cifar_dir, tmp_path, capsys):
