@@ -187,6 +187,11 @@ def main(argv=None) -> None:
     classify = torch.compile(classify) if args.compile else classify
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     num_classes = model.cfg.num_classes
+    if args.compile:  # compile every batch size the loop will use now, so no image's time includes it
+        x0, _ = test.batch(torch.tensor([0]))
+        with torch.no_grad(), autocast:
+            for size in {min(args.batch, args.n0), args.n0 % args.batch, min(args.batch, args.n), args.n % args.batch} - {0}:
+                classify(x0[0], torch.zeros(size, *x0.shape[1:], device=device))
     # Rounds of `world` images, one per process; rank 0 writes each round in image order.
     for r in range(0, len(todo), world):
         line = None

@@ -93,7 +93,7 @@ def learning_rate(step: int, lr: float, warmup: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Losses
 
-def consistency_loss(model: ViT, x0, eps, t_n: float, t_next: float, tau: float) -> torch.Tensor:
+def consistency_loss(model: ViT, x0, eps, t_n: torch.Tensor, t_next: torch.Tensor, tau: float) -> torch.Tensor:
     """Eq. (7)-(8), (11): InfoNCE between h(x_{t_n}) and stop-grad h(x_{t_{n+1}}) on one trajectory."""
     q = F.normalize(model.features(x0 + t_n * eps, t_n), dim=1)
     with torch.no_grad():  # EMA rate 0: the key is the online model itself, without gradient
@@ -123,7 +123,7 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.tau = model, tau
 
-    def forward(self, x0, v1, v2, eps, t_n: float, t_next: float, k1, k2):
+    def forward(self, x0, v1, v2, eps, t_n: torch.Tensor, t_next: torch.Tensor, k1, k2):
         q1, q2 = project(self.model, v1, v2, eps)
         return (consistency_loss(self.model, x0, eps, t_n, t_next, self.tau),
                 contrastive_loss(q1, q2, k1, k2, self.tau))
@@ -208,7 +208,9 @@ def main(argv=None) -> None:
         with autocast:
             with torch.no_grad():
                 k1, k2 = target_fwd(target, v1, v2, eps)
-            loss_cons, loss_ctr = objective(x0, v1, v2, eps, sigmas[n], sigmas[n + 1], k1, k2)
+            # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
+            t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
+            loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, k1, k2)
             loss = loss_cons + loss_ctr
         check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
         opt.zero_grad(set_to_none=True)
