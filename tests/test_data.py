@@ -67,3 +67,28 @@ def test_missing_and_truncated_files_are_clear_errors(tmp_path):
     (folder / "test_batch").write_bytes(b"\x80\x04\x95garbage")
     with pytest.raises(UsageError, match="truncated or corrupt"):
         data.load_cifar10(str(tmp_path), "test")
+
+
+def test_imagenet_folder_resizes_crops_and_labels(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    sizes = {"n02": [(300, 260), (500, 224)], "n01": [(240, 400)]}
+    for wnid, shapes in sizes.items():
+        (tmp_path / "val" / wnid).mkdir(parents=True)
+        for k, (w, h) in enumerate(shapes):
+            Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "val" / wnid / f"{k}.JPEG")
+    images = data.Images("imagenet", str(tmp_path), "test", torch.device("cpu"))
+    assert len(images) == 3 and images.labels.tolist() == [0, 1, 1]  # wnids sorted: n01 -> 0, n02 -> 1
+    x, y = images.batch(torch.tensor([2, 0]))
+    assert x.shape == (2, 3, 224, 224) and y.tolist() == [1, 0]
+    # by hand: short side to 256, then the centre 224 x 224 (n02/1.JPEG is 500 x 224)
+    with Image.open(tmp_path / "val" / "n02" / "1.JPEG") as im:
+        im = im.convert("RGB").resize((round(500 * 256 / 224), 256), Image.BILINEAR)
+        left, top = (im.width - 224) // 2, (256 - 224) // 2
+        want = torch.from_numpy(np.asarray(im.crop((left, top, left + 224, top + 224))).copy()).permute(2, 0, 1)
+    assert torch.equal((x[0] * 255).round().to(torch.uint8), want)
+
+
+def test_imagenet_folder_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        data.Images("imagenet", str(tmp_path), "train", torch.device("cpu"))
