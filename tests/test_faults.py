@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from scipy.stats import norm
 
 import certify
 import finetune
@@ -161,3 +162,16 @@ def test_nonfinite_finetune_loss_names_the_term(cifar_dir, tmp_path, monkeypatch
     with pytest.raises(SystemExit, match="kl loss is inf at step 0"):
         finetune.main(finetune_args(cifar_dir, tmp_path))
     assert not (tmp_path / "ckpt.pt").exists()
+
+
+def test_certify_at_another_sigma_than_fine_tuned(finetuned, cifar_dir, tmp_path, capsys, monkeypatch):
+    """Paper Table 9: a model fine-tuned at sigma 0.25 certified with sigma 0.5 noise, seen at t = 1.0."""
+    seen_t = []
+    real = certify.predict_noisy
+    monkeypatch.setattr(certify, "predict_noisy", lambda model, x, eps, sigma: seen_t.append(sigma) or real(model, x, eps, sigma))
+    out = tmp_path / "c.tsv"
+    certify.main(certify_args(finetuned, cifar_dir, out, "--sigma", "0.5", *FAST))
+    assert "sigma 0.5 (fine-tuned at 0.25)" in capsys.readouterr().out and set(seen_t) == {0.5}
+    largest = 0.5 * norm.ppf(0.001 ** (1 / 300))  # every one of the n = 300 samples correct
+    radii = [float(line.split("\t")[3]) for line in out.read_text().splitlines()[1:]]
+    assert len(radii) == 5 and max(radii) <= largest + 1e-4
