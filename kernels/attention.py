@@ -141,42 +141,68 @@ def _grid(rows_per_program: str, L: int, BH: int):
     return lambda meta: (triton.cdiv(L, meta[rows_per_program]), BH)
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v):
-        B, H, L, D = q.shape
-        if D > 128:
-            raise ValueError(f"fused attention supports head dim <= 128, got {D}")
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o = torch.empty_like(q)
-        lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
-        scale = 1.0 / math.sqrt(D)
-        d_pad = max(16, triton.next_power_of_2(D))
-        _fwd[_grid("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad, UPCAST=upcast(q), **_fwd_blocks)
-        ctx.save_for_backward(q, k, v, o, lse)
-        return o
+# Registered as custom ops (forward and backward), so torch.compile keeps each one as a single opaque node
+# instead of tracing into the kernel launch, on a GPU and under the CPU interpreter alike.
+@torch.library.custom_op("rrcm::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    B, H, L, D = q.shape
+    if D > 128:
+        raise ValueError(f"fused attention supports head dim <= 128, got {D}")
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    o = torch.empty_like(q)
+    lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
+    scale = 1.0 / math.sqrt(D)
+    _fwd[_grid("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=_d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        B, H, L, D = q.shape
-        do = do.contiguous()
-        # delta_i = sum_d dO_id O_id: the row term of the softmax Jacobian, cheap enough for torch.
-        delta = (do.float() * o.float()).sum(-1).reshape(B * H, L)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        scale = 1.0 / math.sqrt(D)
-        d_pad = max(16, triton.next_power_of_2(D))
-        args = (L, D, scale * LOG2E, scale)
-        _bwd_dkdv[_grid("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad, UPCAST=upcast(q),
-                                                **_bwd_dkdv_blocks)
-        _bwd_dq[_grid("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad, UPCAST=upcast(q),
-                                              **_bwd_dq_blocks)
-        return dq, dk, dv
+
+@_attention_fwd.register_fake
+def _(q, k, v):
+    B, H, L, _ = q.shape
+    return torch.empty_like(q), q.new_empty(B * H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("rrcm::attention_bwd", mutates_args=())
+def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, H, L, D = q.shape
+    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    # delta_i = sum_d dO_id O_id: the row term of the softmax Jacobian, cheap enough for torch.
+    delta = (do.float() * o.float()).sum(-1).reshape(B * H, L)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    scale = 1.0 / math.sqrt(D)
+    args = (L, D, scale * LOG2E, scale)
+    _bwd_dkdv[_grid("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=_d_pad(D), UPCAST=upcast(q),
+                                          **_bwd_dkdv_blocks)
+    _bwd_dq[_grid("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=_d_pad(D), UPCAST=upcast(q),
+                                        **_bwd_dq_blocks)
+    return dq, dk, dv
+
+
+@_attention_bwd.register_fake
+def _(do, q, k, v, o, lse):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _d_pad(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _attention_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)  # q, k, v, o, lse: all that backward recomputes from
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    return _attention_bwd(do, q, k, v, o, lse)
+
+
+_attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Fused non-causal attention, q, k, v: [B, H, L, D] -> [B, H, L, D]."""
-    return _FlashAttention.apply(q, k, v)
+    return _attention_fwd(q, k, v)[0]
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

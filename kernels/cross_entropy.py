@@ -30,30 +30,42 @@ def _cross_entropy_kernel(X, Y, LOSS, GRAD, C, BLOCK_C: tl.constexpr):
     tl.store(GRAD + row * C + cols, grad.to(GRAD.dtype.element_ty), mask=ok)
 
 
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, y):
-        B, C = logits.shape
-        if C > MAX_CLASSES:
-            raise ValueError(f"fused cross-entropy supports at most {MAX_CLASSES} classes, got {C}")
-        logits = logits.contiguous()
-        loss = torch.empty(B, device=logits.device, dtype=torch.float32)
-        grad = torch.empty_like(logits)
-        block = triton.next_power_of_2(C)
-        warps = 1 if INTERPRET else min(16, max(1, block // 256))
-        _cross_entropy_kernel[(B,)](logits, y.contiguous(), loss, grad, C, BLOCK_C=block, num_warps=warps)
-        ctx.save_for_backward(grad)
-        return loss.to(logits.dtype)
+# A custom op (see attention.py): torch.compile keeps it as one opaque node.
+@torch.library.custom_op("rrcm::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row loss, d loss / d logits)."""
+    B, C = logits.shape
+    if C > MAX_CLASSES:
+        raise ValueError(f"fused cross-entropy supports at most {MAX_CLASSES} classes, got {C}")
+    logits = logits.contiguous()
+    loss = torch.empty(B, device=logits.device, dtype=torch.float32)
+    grad = torch.empty_like(logits)
+    block = triton.next_power_of_2(C)
+    warps = 1 if INTERPRET else min(16, max(1, block // 256))
+    _cross_entropy_kernel[(B,)](logits, y.contiguous(), loss, grad, C, BLOCK_C=block, num_warps=warps)
+    return loss.to(logits.dtype), grad
 
-    @staticmethod
-    def backward(ctx, g):
-        (grad,) = ctx.saved_tensors
-        return grad * g[:, None].to(grad.dtype), None
+
+@_cross_entropy_fwd.register_fake
+def _(logits, y):
+    return logits.new_empty(logits.shape[0]), torch.empty_like(logits)
+
+
+def _cross_entropy_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])  # only the gradient: backward is a per-row scale of it
+
+
+def _cross_entropy_backward(ctx, g, _dgrad):
+    (grad,) = ctx.saved_tensors
+    return grad * g[:, None].to(grad.dtype), None
+
+
+_cross_entropy_fwd.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
 
 
 def cross_entropy_triton(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-row softmax cross-entropy [B] of logits [B, C] against labels y [B]; fused forward/backward."""
-    return _CrossEntropy.apply(logits, y)
+    return _cross_entropy_fwd(logits, y)[0]
 
 
 def cross_entropy_reference(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -105,40 +105,68 @@ def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.T
     return out
 
 
-class _InfoNCE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, tau, offset):
-        B, D = q.shape
-        M = k.shape[0]
-        q, k = q.contiguous(), k.contiguous()
-        scale_log2 = LOG2E / tau
-        lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_R"]),)
-        _lse[grid](q, k, lse2, B, M, D, scale_log2, UPCAST=upcast(q), **_lse_blocks)
-        positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
-        ctx.save_for_backward(q, k, lse2)
-        ctx.tau, ctx.offset = tau, offset
-        return (lse2 / LOG2E - positive).to(q.dtype)
+# Custom ops (see attention.py): torch.compile keeps each as one opaque node.
+@torch.library.custom_op("rrcm::info_nce_fwd", mutates_args=())
+def _info_nce_fwd(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-row loss, row log-sum-exp in log2 units)."""
+    B, D = q.shape
+    q, k = q.contiguous(), k.contiguous()
+    lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_R"]),)
+    _lse[grid](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
+    positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
+    return (lse2 / LOG2E - positive).to(q.dtype), lse2
 
-    @staticmethod
-    def backward(ctx, g):
-        q, k, lse2 = ctx.saved_tensors
-        tau, offset, B = ctx.tau, ctx.offset, q.shape[0]
-        g = g.float().contiguous()
-        scale_log2 = LOG2E / tau
-        k_pos = k[offset:offset + B].float()
-        dq = (_weighted_sum(q, k, lse2, g, True, scale_log2) - g[:, None] * k_pos) / tau
-        dk = None
-        if ctx.needs_input_grad[1]:
-            dk = _weighted_sum(k, q, lse2, g, False, scale_log2)
-            dk[offset:offset + B] -= g[:, None] * q.float()
-            dk = (dk / tau).to(k.dtype)
-        return dq.to(q.dtype), dk, None, None
+
+@_info_nce_fwd.register_fake
+def _(q, k, tau, offset):
+    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("rrcm::info_nce_dq", mutates_args=())
+def _info_nce_dq(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.Tensor, tau: float, offset: int) -> torch.Tensor:
+    g, q, k = g.float().contiguous(), q.contiguous(), k.contiguous()
+    dq = _weighted_sum(q, k, lse2, g, True, LOG2E / tau) - g[:, None] * k[offset:offset + q.shape[0]].float()
+    return (dq / tau).to(q.dtype)
+
+
+@_info_nce_dq.register_fake
+def _(g, q, k, lse2, tau, offset):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("rrcm::info_nce_dk", mutates_args=())
+def _info_nce_dk(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.Tensor, tau: float, offset: int) -> torch.Tensor:
+    g, q, k = g.float().contiguous(), q.contiguous(), k.contiguous()
+    dk = _weighted_sum(k, q, lse2, g, False, LOG2E / tau)
+    dk[offset:offset + q.shape[0]] -= g[:, None] * q.float()
+    return (dk / tau).to(k.dtype)
+
+
+@_info_nce_dk.register_fake
+def _(g, q, k, lse2, tau, offset):
+    return torch.empty_like(k)
+
+
+def _info_nce_setup(ctx, inputs, output):
+    q, k, tau, offset = inputs
+    ctx.save_for_backward(q, k, output[1])
+    ctx.tau, ctx.offset = tau, offset
+
+
+def _info_nce_backward(ctx, g, _dlse):
+    q, k, lse2 = ctx.saved_tensors
+    dq = _info_nce_dq(g, q, k, lse2, ctx.tau, ctx.offset) if ctx.needs_input_grad[0] else None
+    dk = _info_nce_dk(g, q, k, lse2, ctx.tau, ctx.offset) if ctx.needs_input_grad[1] else None  # keys are usually stop-grad
+    return dq, dk, None, None
+
+
+_info_nce_fwd.register_autograd(_info_nce_backward, setup_context=_info_nce_setup)
 
 
 def info_nce_triton(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
     """Per-row InfoNCE loss [B] of Eq. (7)-(8); fused, never stores the B x M similarities."""
-    return _InfoNCE.apply(q, k, tau, offset)
+    return _info_nce_fwd(q, k, float(tau), int(offset))[0]
 
 
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:

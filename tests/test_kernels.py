@@ -97,3 +97,25 @@ def test_dispatch_uses_triton_when_selected(triton_kernels, monkeypatch):
     monkeypatch.setattr(kernels, "attention_triton", lambda *a: calls.append(1) or attention_reference(*a))
     kernels.attention(*torch.randn(3, 1, 1, 4, 16))
     assert calls == [1]
+
+
+def test_kernels_compile_as_opaque_ops(triton_kernels):
+    """torch.compile(fullgraph=True) must take the three fused ops as single nodes (no graph break) and
+    give the references' values and gradients."""
+    import kernels
+
+    def step(q, k, v, a, b, logits, y):
+        return (kernels.attention(q, k, v).square().mean()
+                + kernels.info_nce(F.normalize(a, dim=1), F.normalize(b, dim=1), 0.2, 0).mean()
+                + kernels.cross_entropy(logits, y).mean())
+
+    torch.manual_seed(0)
+    args = [torch.randn(1, 2, 7, 16, requires_grad=True) for _ in range(3)] + \
+        [torch.randn(5, 16, requires_grad=True) for _ in range(2)] + [torch.randn(5, 10, requires_grad=True), torch.randint(0, 10, (5,))]
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*args)
+    got_grads = torch.autograd.grad(got, args[:6])
+    kernels.use("torch")
+    want = step(*args)
+    for a, b in zip(got_grads, torch.autograd.grad(want, args[:6])):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert torch.allclose(got, want, atol=1e-6)
