@@ -1,4 +1,6 @@
 """CERTIFY and PREDICT against closed forms and independent statistics."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -96,3 +98,16 @@ def test_report_rejects_a_file_that_is_not_a_tsv(tmp_path):
     bad.write_text("hello\n")
     with pytest.raises(report.ReportError, match="not a certification TSV"):
         report.read_tsv(str(bad))
+
+
+def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text(report.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    with pytest.raises(report.ReportError, match="--plot needs matplotlib"):
+        report.main([str(tsv), "--plot", str(tmp_path / "p.png")])
+    result = subprocess.run([sys.executable, "report.py", str(tmp_path / "missing.tsv")], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode != 0 and result.stderr.strip() == f"report.py: error: cannot read {tmp_path / 'missing.tsv'}"
