@@ -71,7 +71,7 @@ def attention_rows(dtype) -> list:
     rows = []
     for name, B, L in (("CIFAR-10", 256, 66), ("ImageNet", 64, 198)):
         B = max(1, B // SHRINK)
-        make = lambda: [torch.randn(B, 12, L, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
+        make = lambda B=B, L=L: [torch.randn(B, 12, L, 64, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3)]
         rows.append((f"{name} B={B} L={L} H=12 d=64", {"triton": measure(attention_triton, make), "sdpa": measure(sdpa, make),
                                            "reference": measure(attention_reference, make)}))
     return rows
@@ -82,7 +82,7 @@ def info_nce_rows(dtype) -> list:
     for B in (4096, 8192, 32768):
         for D in (256, 768):
             b = B // SHRINK_INFO_NCE
-            make = lambda: [F.normalize(torch.randn(n, D, device=DEVICE), dim=1).to(dtype).requires_grad_() for n in (b, b)] + [0.2]
+            make = lambda b=b, D=D: [F.normalize(torch.randn(n, D, device=DEVICE), dim=1).to(dtype).requires_grad_() for n in (b, b)] + [0.2]
             results = {"triton": measure(info_nce_triton, make)}
             try:
                 results["reference"] = measure(info_nce_reference, make)
@@ -96,7 +96,7 @@ def cross_entropy_rows(dtype) -> list:
     rows = []
     for C in (10, 1000):
         B = 2048 // SHRINK
-        make = lambda: [torch.randn(B, C, device=DEVICE, dtype=dtype, requires_grad=True), torch.randint(0, C, (B,), device=DEVICE)]
+        make = lambda B=B, C=C: [torch.randn(B, C, device=DEVICE, dtype=dtype, requires_grad=True), torch.randint(0, C, (B,), device=DEVICE)]
         rows.append((f"B={B} C={C}", {"triton": measure(cross_entropy_triton, make), "reference": measure(cross_entropy_reference, make)}))
     return rows
 

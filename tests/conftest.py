@@ -9,7 +9,6 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kernels  # noqa: E402
 

@@ -1,5 +1,4 @@
 """torchrun on CPU (gloo, 2 processes), resuming after a kill, non-finite losses, and wrong use."""
-import os
 import subprocess
 import sys
 
