@@ -32,7 +32,7 @@ import torch.distributed as dist
 from scipy.stats import beta, binomtest, norm
 
 import kernels
-from data import Images, generator, init_distributed
+from data import Images, init_distributed, seeded_noise
 from model import UsageError, load_checkpoint, model_from_checkpoint, noisy_input
 from report import HEADER, summary
 
@@ -100,9 +100,8 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
 def noise(shape: tuple, count: int, first: int, seed: int, idx: int, phase: str, device) -> torch.Tensor:
     """eps for samples first .. first+count-1 of (image idx, phase). Each chunk of NOISE_CHUNK samples has
     its own seed, so a sample's noise does not depend on which batch or process draws it."""
-    chunks = [torch.randn((NOISE_CHUNK, *shape), generator=generator(device, seed, idx, phase, c), device=device)
-              for c in range(first // NOISE_CHUNK, (first + count - 1) // NOISE_CHUNK + 1)]
-    return torch.cat(chunks)[:count]
+    chunks = torch.arange(first // NOISE_CHUNK, (first + count - 1) // NOISE_CHUNK + 1)
+    return seeded_noise((NOISE_CHUNK, *shape), chunks, device, seed, idx, phase).flatten(0, 1)[:count]
 
 
 def predict_noisy(model, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -121,20 +120,20 @@ def sample_counts(classify, x: torch.Tensor, num: int, batch: int, num_classes: 
 # ----------------------------------------------------------------------------------------------------
 # Results file: append-only, resumable, never mixed across configurations
 
-def read_done(path: str) -> dict[int, str]:
-    """Rows already certified (idx -> line). A torn last line from a kill is cut off the file."""
+def read_done(path: str) -> set[int]:
+    """Indices of the images already certified. A torn last line from a kill is cut off the file."""
     if not os.path.exists(path):
-        return {}
+        return set()
     with open(path, "rb+") as f:
         data = f.read()
         keep = data[: data.rfind(b"\n") + 1]
         if len(keep) != len(data):
             f.truncate(len(keep))
     lines = keep.decode().splitlines()
-    return {int(line.split("\t")[0]): line for line in lines[1:]}
+    return {int(line.split("\t")[0]) for line in lines[1:]}
 
 
-def open_results(path: str, config: dict) -> dict[int, str]:
+def open_results(path: str, config: dict) -> set[int]:
     """Check (or write) the sidecar config, write the header of a new file, return rows done."""
     meta = path + ".json"
     if os.path.exists(path) or os.path.exists(meta):
@@ -173,7 +172,7 @@ def main(argv=None) -> None:
     indices = list(range(0, len(test), args.skip))[: args.num]
     config = dict(checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"], sigma=sigma, mode="predict" if args.predict else "certify",
                   n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed, skip=args.skip)
-    done = open_results(out, config) if rank == 0 else {}
+    done = open_results(out, config) if rank == 0 else set()
     if world > 1:
         box = [done]
         dist.broadcast_object_list(box)

@@ -11,9 +11,11 @@ import functools
 import hashlib
 import os
 import pickle
+import sys
 import tarfile
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,6 +38,12 @@ def derive_seed(*keys) -> int:
 
 def generator(device: torch.device, *keys) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(derive_seed(*keys))
+
+
+def seeded_noise(shape: tuple, indices: torch.Tensor, device: torch.device, *keys) -> torch.Tensor:
+    """Standard normal noise [len(indices), *shape], one seed per index (image, or chunk of samples) with
+    `keys`: the noise of an index does not depend on which batch or process draws it."""
+    return torch.stack([torch.randn(shape, generator=generator(device, *keys, int(i)), device=device) for i in indices])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -290,7 +298,7 @@ def weak_augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------------------------------
-# Processes: which rank sees which share of the data
+# Processes: which rank sees which share of the data, and which one speaks
 
 def init_distributed() -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (RANK is set) join the process group: NCCL on GPUs,
@@ -304,6 +312,19 @@ def init_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_log(out_dir: str, master: bool) -> Callable[[str], None]:
+    """A print to stdout and <out_dir>/log.txt on rank 0; a no-op on the other ranks."""
+    if not master:
+        return lambda line: None
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "log.txt"), "a")
+
+    def say(line: str) -> None:
+        for stream in (sys.stdout, log):
+            print(line, file=stream, flush=True)
+    return say
 
 
 def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import Images, batch_indices, generator, init_distributed, weak_augment
+from data import Images, batch_indices, generator, seeded_noise, init_distributed, run_log, weak_augment
 from model import (UsageError, ViT, check_finite, load_checkpoint, model_args, model_from_checkpoint, noisy_input,
                    resume_checkpoint, save_checkpoint, vit_config)
 
@@ -86,16 +86,22 @@ def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: floa
     return ce + eta1 * kl + eta2 * entropy, dict(ce=ce, kl=kl, entropy=entropy)
 
 
+def layer_id(name: str, depth: int) -> int:
+    """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
+    if name.split(".")[0] in ("patch_embed", "cls_token", "pos_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
 def layer_groups(model: ViT, lr: float, decay: float) -> list[dict]:
     """Layer-wise lr decay: embeddings get lr * decay^(depth+1), block i lr * decay^(depth-i), head lr."""
     depth = model.cfg.depth
     groups: dict[int, list] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = 0 if name.split(".")[0] in ("patch_embed", "cls_token", "pos_embed") else \
-            int(name.split(".")[1]) + 1 if name.startswith("blocks.") else depth + 1
-        groups.setdefault(layer, []).append(p)
+        if p.requires_grad:
+            groups.setdefault(layer_id(name, depth), []).append(p)
     return [dict(params=ps, lr_scale=decay ** (depth + 1 - layer)) for layer, ps in sorted(groups.items())]
 
 
@@ -115,7 +121,7 @@ def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int
     idx = torch.arange(rank, min(count, len(test)), world)
     for chunk in idx.split(batch):
         x, y = test.batch(chunk)
-        eps = torch.stack([torch.randn(x.shape[1:], generator=generator(x.device, seed, "eval", int(i)), device=x.device) for i in chunk])
+        eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "eval")
         for row, noise in enumerate((torch.zeros_like(x), eps)):
             correct[row] += (model(*noisy_input(x, sigma, noise)).argmax(1) == y).sum()
     if world > 1:
@@ -163,10 +169,7 @@ def main(argv=None) -> None:
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        log = open(os.path.join(args.out, "log.txt"), "a")
-    say = lambda line: master and [print(line, file=f, flush=True) for f in (sys.stdout, log)]
+    say = run_log(args.out, master)
     say(f"{model.num_params() / 1e6:.2f}M parameters, {world} process(es), {total} steps, config: {vars(args)}")
 
     def checkpoint(next_step: int) -> None:

@@ -14,7 +14,7 @@ import sys
 import torch
 
 import kernels
-from data import Images, generator
+from data import Images, generator, seeded_noise
 from model import SIGMA_MIN, UsageError, ViT, load_checkpoint, model_from_checkpoint, noisy_input, to_model_space
 
 
@@ -55,7 +55,7 @@ def representations(model: ViT, images: Images, count: int, sigma: float, seed: 
         if sigma == 0:
             x_t, t = to_model_space(x), SIGMA_MIN
         else:
-            eps = torch.stack([torch.randn(x.shape[1:], generator=generator(x.device, seed, "probe", int(i)), device=x.device) for i in chunk])
+            eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "probe")
             x_t, t = noisy_input(x, sigma, eps)
         feats.append(model.features(x_t, t).float())
         labels.append(y)

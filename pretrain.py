@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import Images, batch_indices, gather_rows, generator, init_distributed, moco_views, weak_augment
+from data import Images, batch_indices, gather_rows, generator, init_distributed, moco_views, run_log, weak_augment
 from model import (SIGMA_MIN, UsageError, ViT, check_finite, edm_sigmas, model_args, resume_checkpoint, save_checkpoint,
                    to_model_space, vit_config)
 
@@ -179,10 +179,7 @@ def main(argv=None) -> None:
         target_fwd = project
     autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
-    if master:
-        os.makedirs(args.out, exist_ok=True)
-        log = open(os.path.join(args.out, "log.txt"), "a")
-    say = lambda line: master and [print(line, file=f, flush=True) for f in (sys.stdout, log)]
+    say = run_log(args.out, master)
     say(f"{model.num_params() / 1e6:.2f}M parameters, {world} process(es), config: {vars(args)}")
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
