@@ -13,6 +13,7 @@ Conventions shared by every script (read these first):
 Token sequence: [class token, time token, patch tokens]. The normalised class token is the
 representation h(x_t, t); pre-training puts a projector MLP on it (Eq. 7-10), fine-tuning a linear head.
 """
+import contextlib
 import math
 import os
 import sys
@@ -36,6 +37,7 @@ NORM_MEAN = NORM_STD = 0.5  # pixel [0, 1] -> model [-1, 1]
 
 # EDM (Karras et al. 2022) constants, in model space.
 SIGMA_MIN, SIGMA_MAX, RHO, SIGMA_DATA = 0.002, 80.0, 7.0, 0.5
+FINAL_SCALES = 81  # N at the end of pre-training's curriculum (20 -> 40 -> 80 intervals)
 
 
 def to_model_space(x: torch.Tensor) -> torch.Tensor:
@@ -47,9 +49,18 @@ def diffusion_time(sigma: float) -> float:
     return sigma / NORM_STD
 
 
+def smoothing_time(sigma: float) -> float:
+    """The time t the classifier is told for pixel noise sigma: 2 sigma snapped to the nearest point of the
+    final 81-point EDM grid of pre-training (0.4927 / 0.9654 / 2.0036 for sigma 0.25 / 0.5 / 1.0), whose
+    time tokens and c_in the encoder saw; the released code does the same (rrcm_tune.py, find_nearest).
+    Only the time input is snapped: the noise itself stays exactly sigma in pixel space."""
+    grid = edm_sigmas(FINAL_SCALES)
+    return float(grid[(grid - diffusion_time(sigma)).abs().argmin()])
+
+
 def noisy_input(x: torch.Tensor, sigma: float, eps: torch.Tensor) -> tuple[torch.Tensor, float]:
     """The smoothing input: x + sigma * eps in pixel space, then normalised; returns (x_t, t)."""
-    return to_model_space(x + sigma * eps), diffusion_time(sigma)
+    return to_model_space(x + sigma * eps), smoothing_time(sigma)
 
 
 def edm_sigmas(N: int) -> torch.Tensor:
@@ -193,6 +204,36 @@ def check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
         name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", total))
         raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {name} loss is {value.item()} at step {step}; "
                          f"the last good checkpoint is left as it was")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Precision: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def native_bf16(device: torch.device) -> bool:
+    """CUDA GPUs, and CPUs with AMX-BF16 or AVX512-BF16 (on others bf16 is emulated and slower than fp32)."""
+    if device.type == "cuda":
+        return True
+    cpu = torch.cpu
+    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """--precision auto -> "bf16" or "fp32" for this device; an explicit choice is kept."""
+    if precision not in PRECISIONS:
+        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a resolved precision: matmuls in bf16 with fp32 weights and reductions."""
+    if precision == "bf16":
+        return torch.autocast(device.type, torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
