@@ -50,3 +50,20 @@ def triton_kernels():
     kernels.use("triton")
     yield
     kernels.use("torch")
+
+
+FAST = ["--no-compile", "--kernels", "torch"]
+
+
+def finetune_args(cifar_dir, out, *extra):
+    return ["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--epochs", "1",
+            "--warmup-epochs", "0", "--batch", "20", *FAST, *extra]
+
+
+@pytest.fixture(scope="session")
+def finetuned(cifar_dir, tmp_path_factory) -> str:
+    """A tiny fine-tuned checkpoint (one epoch from scratch) shared by the certification tests."""
+    import finetune
+    out = tmp_path_factory.mktemp("ft")
+    finetune.main(finetune_args(cifar_dir, out))
+    return str(out / "ckpt.pt")

@@ -87,14 +87,6 @@ def script(*argv, cwd=ROOT):
     return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture(scope="module")
-def finetuned(cifar_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ft")
-    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--epochs", "1",
-                   "--warmup-epochs", "0", "--batch", "20", "--no-compile", "--kernels", "torch"])
-    return str(out / "ckpt.pt")
-
-
 @pytest.mark.parametrize("argv,message", [
     (["certify.py", "--sigma", "0"], "--sigma must be > 0"),
     (["certify.py", "--sigma", "-1"], "--sigma must be > 0"),
