@@ -101,6 +101,9 @@ class ViTConfig:
     num_classes: int = 10
     proj_hidden: int = 512
     proj_dim: int = 256
+    # The classifier reads the class token through the final LayerNorm on ImageNet but raw on CIFAR-10
+    # (released code: train.layernorm). Pre-training always uses the normalised token.
+    classifier_norm: bool = True
 
 
 # Paper Table 3 (projector hidden / output dims in the last two values). `tiny` is ours, for CPU and tests.
@@ -153,6 +156,42 @@ def projector_mlp(width: int, hidden: int, out: int) -> nn.Sequential:
                          nn.Linear(hidden, out, bias=False))
 
 
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm over the global batch of all processes (what SyncBatchNorm gives the authors' GPU runs),
+    written with one differentiable all-reduce so it also runs on CPU/gloo: a K-process step then computes
+    the same projector output as a one-process step on the whole batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        import torch.distributed.nn.functional as dist_fn
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
+        total = dist_fn.all_reduce(local)  # gradients flow back to every rank's rows
+        C = x.shape[1]
+        count = total[-1]
+        mean = total[:C] / count
+        var = total[C:2 * C] / count - mean * mean  # biased, as BatchNorm normalises with
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            self.running_mean.lerp_(mean, self.momentum)
+            self.running_var.lerp_(var * count / (count - 1), self.momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Swap every BatchNorm1d in `module` for a GlobalBatchNorm1d holding the same parameters and statistics."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm1d:
+            bn = GlobalBatchNorm1d(child.num_features, child.eps, child.momentum).to(child.weight.device)
+            bn.load_state_dict(child.state_dict())
+            bn.requires_grad_(child.weight.requires_grad)
+            setattr(module, name, bn)
+        else:
+            global_batchnorm(child)
+    return module
+
+
 class ViT(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
@@ -172,20 +211,24 @@ class ViT(nn.Module):
                 nn.init.trunc_normal_(m.weight, std=0.02)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
+        # A near-zero head (released code, MAE-style): with the head frozen it is a fixed random projection
+        # that the encoder learns to serve.
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
 
-    def features(self, x_t: torch.Tensor, t) -> torch.Tensor:
-        """h(x_t, t): the normalised class token [B, width] of a model-space input x_t at time t."""
+    def features(self, x_t: torch.Tensor, t, norm: bool = True) -> torch.Tensor:
+        """h(x_t, t): the class token [B, width] of a model-space input x_t at time t, through the final
+        LayerNorm unless norm=False."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         x = self.patch_embed(c_in(t)[:, None, None, None] * x_t).flatten(2).transpose(1, 2)
         time_token = timestep_embedding(time_input(t), self.cfg.width)[:, None].to(x.dtype)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), time_token, x], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
-        return self.norm(x[:, 0])
+        return self.norm(x[:, 0]) if norm else x[:, 0]
 
     def forward(self, x_t: torch.Tensor, t) -> torch.Tensor:
         """Class logits of a model-space input x_t at time t."""
-        return self.head(self.features(x_t, t))
+        return self.head(self.features(x_t, t, self.cfg.classifier_norm))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -197,13 +240,16 @@ class ViT(nn.Module):
         return c.depth * (24 * L * W * W + 4 * L * L * W) + 2 * (L - 2) * 3 * P * P * W
 
 
-def check_finite(total: torch.Tensor, terms: dict, step: int) -> None:
+def check_finite(total: torch.Tensor, terms: dict, step: int, say=None) -> None:
     """Stop a training run on a non-finite loss, before the optimizer step, so neither the weights nor the
-    last checkpoint are touched. One host sync per step; the terms are only inspected when it fails."""
+    last checkpoint are touched. One host sync per step; the terms are only inspected when it fails. The
+    message also goes to the run's log through `say`."""
     if not torch.isfinite(total):
         name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", total))
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {name} loss is {value.item()} at step {step}; "
-                         f"the last good checkpoint is left as it was")
+        message = f"{name} loss is {value.item()} at step {step}; the last good checkpoint is left as it was"
+        if say:
+            say(f"error: {message}")
+        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,6 +296,8 @@ def save_checkpoint(path: str, checkpoint: dict) -> None:
 
 def load_checkpoint(path: str, kind: str) -> dict:
     """Load a checkpoint written by pretrain.py (kind "pretrain") or finetune.py (kind "finetune")."""
+    if os.path.isdir(path):
+        raise UsageError(f"checkpoint {path} is a directory; give the ckpt.pt file inside it")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path} does not exist")
     try:
@@ -281,8 +329,19 @@ def resume_checkpoint(out_dir: str, kind: str, resume: bool, config: dict, run_k
 
 
 def model_from_checkpoint(checkpoint: dict, weights: str = "model") -> ViT:
-    model = ViT(ViTConfig(**checkpoint["model_args"]))
-    model.load_state_dict(checkpoint[weights])
+    """Rebuild the network from the checkpoint's own model_args and load its weights."""
+    try:
+        model = ViT(ViTConfig(**checkpoint["model_args"]))
+    except TypeError as e:
+        raise UsageError(f"checkpoint model_args are not a ViT configuration ({e})") from None
+    try:
+        model.load_state_dict(checkpoint[weights])
+    except RuntimeError:
+        theirs = {k: tuple(v.shape) for k, v in checkpoint[weights].items()}
+        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        bad = next((k for k in ours if theirs.get(k) != ours[k]), next(iter(theirs.keys() - ours.keys()), "?"))
+        raise UsageError(f"checkpoint weights do not match its model_args {checkpoint['model_args']} "
+                         f"(first mismatch: {bad})") from None
     return model
 
 
