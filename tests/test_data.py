@@ -81,12 +81,24 @@ def test_imagenet_folder_resizes_crops_and_labels(tmp_path):
     assert len(images) == 3 and images.labels.tolist() == [0, 1, 1]  # wnids sorted: n01 -> 0, n02 -> 1
     x, y = images.batch(torch.tensor([2, 0]))
     assert x.shape == (2, 3, 224, 224) and y.tolist() == [1, 0]
-    # by hand: short side to 256, then the centre 224 x 224 (n02/1.JPEG is 500 x 224)
+    # by hand, the released ShortSideResizeCenterCrop: bicubic short side to 224, then the centre 224 x 224
     with Image.open(tmp_path / "val" / "n02" / "1.JPEG") as im:
-        im = im.convert("RGB").resize((round(500 * 256 / 224), 256), Image.BILINEAR)
-        left, top = (im.width - 224) // 2, (256 - 224) // 2
-        want = torch.from_numpy(np.asarray(im.crop((left, top, left + 224, top + 224))).copy()).permute(2, 0, 1)
+        im = im.convert("RGB")  # 500 x 224: short side already 224, so the resize keeps the size
+        left = (500 - 224) // 2
+        want = torch.from_numpy(np.asarray(im.crop((left, 0, left + 224, 224))).copy()).permute(2, 0, 1)
     assert torch.equal((x[0] * 255).round().to(torch.uint8), want)
+    with Image.open(tmp_path / "val" / "n01" / "0.JPEG") as im:  # 240 x 400 -> 224 x 373, rows 74..298
+        im = im.convert("RGB").resize((224, 373), Image.BICUBIC).crop((0, 74, 224, 298))
+        want = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
+    assert torch.equal((images.batch(torch.tensor([0]))[0][0] * 255).round().to(torch.uint8), want)
+
+
+def test_short_side_centre_crop_halves_large_images_with_a_box_filter():
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    im = Image.fromarray(rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8))  # short side 700 >= 448
+    want = im.resize((500, 350), Image.BOX).resize((320, 224), Image.BICUBIC).crop((48, 0, 272, 224))
+    assert np.array_equal(np.asarray(data.short_side_centre_crop(im, 224)), np.asarray(want))
 
 
 def test_imagenet_folder_missing_is_a_clear_error(tmp_path):
