@@ -8,12 +8,14 @@ Certified accuracy at radius r = the fraction of images that are classified corr
 radius >= r (abstentions count as wrong); ACR = mean of radius * correct.
 """
 import argparse
+import math
 import os
 import sys
 
 import numpy as np
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s format, read by every paper in the field
+ADAPTIVE_HEADER = HEADER + "\tsamples"  # certify.py --adaptive adds the estimation samples it drew
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
@@ -21,16 +23,69 @@ class ReportError(ValueError):
     pass
 
 
-def read_tsv(path: str) -> dict[str, np.ndarray]:
+def _field(value: str, name: str) -> float:
+    """One field, checked against what certify.py writes (a wrong value would silently change the table)."""
+    real = name in ("radius", "time")
     try:
-        with open(path) as f:
-            rows = [line.rstrip("\n").split("\t") for line in f if line.strip()]
+        number = float(value) if real else int(value)
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not {'a number' if real else 'an integer'}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{name} is {value}")
+    low = {"predict": -1, "samples": 1}.get(name, 0)
+    if number < low or (name == "correct" and number > 1):
+        raise ValueError(f"{name} {value} is out of range")
+    return number
+
+
+def check_rows(path: str, data: bytes, header: str | None = None) -> list[list[str]]:
+    """The data rows of a certification TSV's bytes, after checking every line: the header (`header`, or
+    either kind if None), the column count, numbers, ranges, correct == (predict == label), no repeated
+    idx, and a newline at the end (a torn last line means a run stopped mid-write). Errors name the line."""
+    if b"\0" in data:
+        raise ReportError(f"{path} is a binary file, not a certification TSV")
+    try:
+        lines = data.decode().split("\n")
+    except UnicodeDecodeError:
+        raise ReportError(f"{path} is not a text file, not a certification TSV") from None
+    if lines[0] not in ((HEADER, ADAPTIVE_HEADER) if header is None else (header,)):
+        expected = (header or HEADER).expandtabs(1)
+        raise ReportError(f"{path} is not a certification TSV (header must be: {expected})")
+    if lines[-1] != "":
+        raise ReportError(f"{path}, line {len(lines)}: incomplete last line (a run stopped while writing it); "
+                          f"re-run the same certify.py command to repair the file")
+    names = lines[0].split("\t")
+    rows, seen = [], {}
+    for number, line in enumerate(lines[1:-1], start=2):
+        fields = line.split("\t")
+        if len(fields) != len(names):
+            raise ReportError(f"{path}, line {number}: {len(fields)} columns, expected {len(names)}")
+        try:
+            values = dict(zip(names, (_field(v, name) for v, name in zip(fields, names))))
+        except ValueError as e:
+            raise ReportError(f"{path}, line {number}: {e}") from None
+        if values["correct"] != (values["predict"] == values["label"]):
+            raise ReportError(f"{path}, line {number}: correct is {fields[4]} but predict is {fields[2]} and label {fields[1]}")
+        if values["idx"] in seen:
+            raise ReportError(f"{path}, line {number}: image {fields[0]} again (first on line {seen[values['idx']]})")
+        seen[values["idx"]] = number
+        rows.append(fields)
+    return rows
+
+
+def read_tsv(path: str) -> dict[str, np.ndarray]:
+    """radius, correct, time (and samples for adaptive runs) of a checked certification TSV."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError:
         raise ReportError(f"cannot read {path}") from None
-    if not rows or "\t".join(rows[0]) != HEADER:
-        raise ReportError(f"{path} is not a certification TSV (header must be: {HEADER.expandtabs(1)})")
-    cols = np.array(rows[1:], dtype=float).reshape(-1, 6).T
-    return dict(radius=cols[3], correct=cols[4], time=cols[5])
+    rows = check_rows(path, data)
+    cols = np.array(rows, dtype=float).reshape(len(rows), -1).T if rows else np.zeros((7, 0))
+    run = dict(radius=cols[3], correct=cols[4], time=cols[5])
+    if data.startswith(ADAPTIVE_HEADER.encode()):
+        run["samples"] = cols[6]
+    return run
 
 
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, r: float) -> float:
@@ -50,7 +105,7 @@ def radii_for(runs: list[dict]) -> np.ndarray:
 
 def table(names: list[str], runs: list[dict], envelope: bool = False) -> str:
     radii = radii_for(runs)
-    width = max([12] + [len(n) for n in names])
+    width = max([12] + [len(n) for n in names] + ([len("best of above")] if envelope else []))
     lines = [f"{'run':{width}s} " + " ".join(f"{r:6.2f}" for r in radii) + "    ACR  images"]
     for name, run in zip(names, runs):
         acc = [certified_accuracy(run["radius"], run["correct"], r) * 100 for r in radii]
@@ -64,7 +119,9 @@ def table(names: list[str], runs: list[dict], envelope: bool = False) -> str:
 
 def summary(path: str) -> str:
     run = read_tsv(path)
-    return f"{len(run['radius'])} images, {run['time'].mean():.2f} s per image\n" + table([os.path.basename(path)], [run])
+    samples = f", {run['samples'].mean():,.0f} estimation samples per image" if "samples" in run and len(run["samples"]) else ""
+    seconds = run["time"].mean() if len(run["time"]) else 0.0
+    return f"{len(run['radius'])} images, {seconds:.2f} s per image{samples}\n" + table([os.path.basename(path)], [run])
 
 
 def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
@@ -89,7 +146,7 @@ def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description="certified-accuracy report")
+    p = argparse.ArgumentParser(description="certified-accuracy report", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: sys.exit(f"report.py: error: {msg}")
     p.add_argument("tsv", nargs="+", help="certify.py outputs; each becomes one row")
     p.add_argument("--envelope", action="store_true", help="add the max over runs at each radius (best over sigma)")
