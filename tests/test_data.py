@@ -1,5 +1,6 @@
 """Data loading and augmentations against independent references."""
 import colorsys
+import math
 import os
 import pickle
 
@@ -104,3 +105,292 @@ def test_short_side_centre_crop_halves_large_images_with_a_box_filter():
 def test_imagenet_folder_missing_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         data.Images("imagenet", str(tmp_path), "train", torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The released recipe's augmentations against PIL and hand-written references
+
+def _pil(x: torch.Tensor):
+    from PIL import Image
+    return Image.fromarray((x * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def _from_pil(im) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(im).astype(np.float32)).permute(2, 0, 1)  # 0..255
+
+
+def _uint8_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, h, w), generator=torch.Generator().manual_seed(seed)).float() / 255
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_blur_matches_pil_gaussian_blur(size):
+    from PIL import ImageFilter
+    radii = [0.1, 0.7, 1.0, 1.6, 2.0]
+    x = _uint8_images(len(radii), size, size + 5)
+    exact = data.pil_gaussian_blur(x, torch.tensor(radii), uint8_passes=True)
+    fast = data.pil_gaussian_blur(x, torch.tensor(radii))
+    for b, r in enumerate(radii):
+        want = _from_pil(_pil(x[b]).filter(ImageFilter.GaussianBlur(r)))
+        assert torch.equal((exact[b] * 255).round(), want), r  # same boxes, weights and rounding as Pillow
+        diff = ((fast[b] * 255).round() - want).abs()
+        assert diff.max() <= 3 and diff.mean() < 1.1, (r, diff.max(), diff.mean())  # floats: no per-pass rounding
+    # strength: the impulse response of radius r has std r along each axis (3 passes of variance r^2 / 3),
+    # so the released blur reaches 2 px on 32 x 32 CIFAR-10 (a 3-tap kernel stays below 1 px)
+    delta = torch.zeros(len(radii), 1, size, size)
+    delta[:, :, size // 2, size // 2] = 1.0
+    response = data.pil_gaussian_blur(delta, torch.tensor(radii))[:, 0]
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    for b, r in enumerate(radii):
+        assert abs(response[b].sum() - 1) < 1e-5
+        var_x = (response[b].sum(0) * offsets ** 2).sum()
+        var_y = (response[b].sum(1) * offsets ** 2).sum()
+        assert abs(var_x - r ** 2) < 1e-4 and abs(var_y - r ** 2) < 1e-4, (r, var_x, var_y)
+
+
+def test_gaussian_blur_draws_radius_per_image():
+    x = _uint8_images(6, 16, 16)
+    out = data.gaussian_blur(x, data.generator(torch.device("cpu"), 5), p=1.0)
+    g = data.generator(torch.device("cpu"), 5)
+    radii = 0.1 + 1.9 * torch.rand(6, generator=g)
+    for b in range(6):
+        assert torch.allclose(out[b], data.pil_gaussian_blur(x[b:b + 1], radii[b:b + 1])[0], atol=1e-6)
+
+
+def _torchvision_box(u, height, width, scale, ratio):
+    """torchvision's RandomResizedCrop.get_params, written as its loop, fed the same uniforms."""
+    area = height * width
+    for t in range(10):
+        target = area * (scale[0] + (scale[1] - scale[0]) * u[t][0])
+        aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[t][1])
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u[t][2] * (height - h + 1)), int(u[t][3] * (width - w + 1)), h, w
+    if width / height < ratio[0]:
+        w, h = width, round(width / ratio[0])
+    elif width / height > ratio[1]:
+        h, w = height, round(height * ratio[1])
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def test_crop_boxes_follow_torchvision():
+    g = torch.Generator().manual_seed(0)
+    sizes = torch.tensor([[32, 32], [375, 500], [500, 333], [40, 400], [300, 20]] * 40)
+    u = torch.rand(len(sizes), 10, 4, generator=g, dtype=torch.float64)
+    u[:5, :, 0] = 1.0  # area 1 with a non-square aspect never fits: the fallback path
+    for scale in [(0.08, 1.0), (0.4, 1.0)]:
+        got = torch.stack(data.rrc_boxes(u, sizes[:, 0], sizes[:, 1], scale), 1)
+        for i in range(len(sizes)):
+            want = _torchvision_box(u[i].tolist(), int(sizes[i, 0]), int(sizes[i, 1]), scale, (3 / 4, 4 / 3))
+            assert got[i].tolist() == list(want), (i, scale)
+
+
+def test_crop_resize_matches_pil_crop_then_bilinear_resize():
+    from PIL import Image
+    x = _uint8_images(3, 32, 32)
+    boxes = [(3, 5, 20, 11), (0, 0, 32, 32), (10, 2, 7, 29)]  # top, left, h, w
+    top, left, h, w = (torch.tensor(v) for v in zip(*boxes))
+    out = data.crop_resize(x, top, left, h, w, 32)
+    for b, (t, l_, hh, ww) in enumerate(boxes):
+        want = _from_pil(_pil(x[b]).crop((l_, t, l_ + ww, t + hh)).resize((32, 32), Image.BILINEAR))
+        diff = ((out[b] * 255) - want).abs()
+        assert diff.max() <= 1.0 and diff.mean() < 0.4, (b, diff.max(), diff.mean())  # PIL rounds twice
+
+
+def test_consistency_augment_is_a_flip_only():
+    x = torch.rand(400, 3, 4, 4)
+    out = data.consistency_augment(x, data.generator(torch.device("cpu"), 2))
+    same = (out == x).flatten(1).all(1)
+    flipped = (out == x.flip(3)).flatten(1).all(1)
+    assert bool((same | flipped).all())
+    assert abs(flipped.float().mean() - 0.5) < 4 * 0.025  # 4 standard errors of a fair coin over 400
+
+
+@pytest.mark.parametrize("name,level,sign", [
+    ("AutoContrast", 9.0, 1), ("Equalize", 9.0, 1), ("Invert", 9.0, 1), ("PosterizeIncreasing", 3.0, 1),
+    ("PosterizeIncreasing", 10.0, 1), ("SolarizeIncreasing", 9.0, 1), ("SolarizeAdd", 9.3, 1),
+    ("ColorIncreasing", 9.0, 1), ("ColorIncreasing", 8.4, -1), ("ContrastIncreasing", 9.0, 1),
+    ("ContrastIncreasing", 9.6, -1), ("BrightnessIncreasing", 9.0, 1), ("BrightnessIncreasing", 7.7, -1),
+    ("SharpnessIncreasing", 9.0, 1), ("SharpnessIncreasing", 9.0, -1)])
+def test_rand_augment_pixel_ops_match_pil(name, level, sign):
+    from PIL import ImageEnhance, ImageOps
+    x = _uint8_images(1, 20, 27, seed=3)
+    x[:, 0] = x[:, 0] * 0.5 + 0.2  # a channel that does not span 0..255, so autocontrast has work to do
+    x = (x * 255).round() / 255
+    factor = max(0.1, 1 + sign * level / 10 * 0.9)
+    im = _pil(x[0])
+    want = {  # timm's level -> argument, then the PIL op, written out from timm's auto_augment.py
+        "AutoContrast": lambda: ImageOps.autocontrast(im), "Equalize": lambda: ImageOps.equalize(im),
+        "Invert": lambda: ImageOps.invert(im),
+        # timm's posterize(img, 0) under the Pillow of the released code kept no bits (mask ~255): black;
+        # Pillow 10+ refuses 0 bits, so that case is checked by hand
+        "PosterizeIncreasing": lambda: (ImageOps.posterize(im, 4 - int(level / 10 * 4)) if level < 10
+                                        else im.point(lambda i: 0)),
+        "SolarizeIncreasing": lambda: ImageOps.solarize(im, 256 - min(256, int(level / 10 * 256))),
+        "SolarizeAdd": lambda: im.point([min(255, i + int(level / 10 * 110)) if i < 128 else i for i in range(256)] * 3),
+        "ColorIncreasing": lambda: ImageEnhance.Color(im).enhance(factor),
+        "ContrastIncreasing": lambda: ImageEnhance.Contrast(im).enhance(factor),
+        "BrightnessIncreasing": lambda: ImageEnhance.Brightness(im).enhance(factor),
+        "SharpnessIncreasing": lambda: ImageEnhance.Sharpness(im).enhance(factor),
+    }[name]()
+    got = data.RAND_OPS[name](x * 255, torch.tensor([level]), torch.tensor([float(sign)]))
+    assert torch.equal(got[0], _from_pil(want))
+
+
+def test_rand_augment_geometry_matches_pil():
+    from PIL import Image
+    smooth = torch.nn.functional.interpolate(_uint8_images(1, 10, 12, seed=4), size=(40, 48), mode="bilinear")
+    x = (smooth * 255).round()
+    im, fill = _pil(x[0] / 255), (128, 128, 128)
+    # translate by exactly 9 pixels (level chosen so that 0.45 level / 10 * 48 = 9): no interpolation at all
+    got = data.RAND_OPS["TranslateXRel"](x, torch.tensor([9 / 0.45 / 48 * 10]), torch.tensor([-1.0]))
+    want = im.transform((48, 40), Image.AFFINE, (1, 0, -9, 0, 1, 0), resample=Image.BICUBIC, fillcolor=fill)
+    assert torch.equal(got[0], _from_pil(want))
+    for name, want in [("Rotate", im.rotate(27, resample=Image.BICUBIC, fillcolor=fill)),
+                       ("ShearX", im.transform((48, 40), Image.AFFINE, (1, 0.27, 0, 0, 1, 0), resample=Image.BICUBIC, fillcolor=fill)),
+                       ("ShearY", im.transform((48, 40), Image.AFFINE, (1, 0, 0, 0.27, 1, 0), resample=Image.BICUBIC, fillcolor=fill))]:
+        diff = (data.RAND_OPS[name](x, torch.tensor([9.0]), torch.tensor([1.0]))[0] - _from_pil(want)).abs()
+        # bicubic a = -0.75 (PyTorch) vs -0.5 (PIL), and a pixel or two on the fill border
+        assert diff.mean() < 1.0 and (diff > 4).float().mean() < 0.01, (name, diff.mean())
+
+
+def test_rand_augment_at_magnitude_zero_leaves_magnitude_ops_unchanged():
+    x = (_uint8_images(2, 16, 16) * 255).round()
+    for name in ["Rotate", "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
+                 "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]:
+        assert torch.equal(data.RAND_OPS[name](x, torch.zeros(2), torch.ones(2)), x), name
+    assert torch.equal(data.RAND_OPS["PosterizeIncreasing"](x, torch.zeros(2), torch.ones(2)), torch.floor(x / 16) * 16)
+
+
+def test_rand_augment_plan_statistics():
+    n = 20000
+    op, applied, level, sign = data.rand_augment_plan(data.generator(torch.device("cpu"), 7), n)
+    assert op.shape == applied.shape == level.shape == (n, 2)
+    se = math.sqrt(0.25 / (2 * n))
+    assert abs(applied.float().mean() - 0.5) < 4 * se  # each op applied with probability 1/2
+    per_image = applied.sum(1).float()
+    assert abs((per_image == 0).float().mean() - 0.25) < 0.02 and abs((per_image == 2).float().mean() - 0.25) < 0.02
+    counts = torch.bincount(op.flatten(), minlength=15).float()
+    expected = 2 * n / 15
+    assert ((counts - expected) ** 2 / expected).sum() < 45  # chi-square, 14 dof: 45 is far beyond p = 1e-4
+    assert bool((op[:, 0] == op[:, 1]).any())  # drawn with replacement, as timm's np.random.choice
+    assert abs(level.mean() - 9) < 0.02 and abs(level.std() - 0.5) < 0.02 and level.max() <= 10 and level.min() >= 0
+    assert abs((level == 10).float().mean() - 0.0228) < 0.005  # P(N(9, 0.5) >= 10) = 1 - Phi(2), clipped to 10
+    assert abs((sign < 0).float().mean() - 0.5) < 4 * math.sqrt(0.25 / (2 * n))
+
+
+def test_rand_augment_applies_its_plan():
+    x = _uint8_images(16, 24, 24, seed=9)
+    out = data.rand_augment(x, data.generator(torch.device("cpu"), 11))
+    op, applied, level, sign = data.rand_augment_plan(data.generator(torch.device("cpu"), 11), 16)
+    names = list(data.RAND_OPS)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert torch.equal((out * 255).round(), out * 255)  # uint8 values, as timm's PIL images
+    for b in range(16):
+        v = (x[b:b + 1] * 255).round()
+        for k in range(2):
+            if applied[b, k]:
+                v = data.RAND_OPS[names[op[b, k]]](v, level[b:b + 1, k], sign[b:b + 1, k])
+        assert torch.equal(out[b] * 255, v[0]), b
+    assert bool((~applied.any(1)).any()) and bool(applied.all(1).any())
+
+
+def test_mixup_and_cutmix_statistics():
+    B, H, W = 8, 20, 30
+    x = torch.arange(B, dtype=torch.float32)[:, None, None, None].expand(B, 3, H, W).contiguous()  # image b == b
+    y = torch.arange(B)
+    cut, mix_lams = 0, []
+    for step in range(2000):
+        out, y_a, y_b, lam = data.mixup_cutmix(x, y, data.generator(torch.device("cpu"), "mix", step))
+        assert torch.equal(y_a, y) and torch.equal(y_b, y.flip(0)) and 0 <= lam <= 1
+        from_other = (out == x.flip(0)).all(1)[0]  # pixels of image 0 taken from image B-1
+        if bool(((out == x) | (out == x.flip(0))).all()):  # cutmix: every pixel from one image or the other
+            cut += 1
+            area = from_other.float().mean().item()
+            assert abs(area - (1 - lam)) < 1e-6  # lam corrected to the pasted box's area
+            rows, cols = from_other.any(1).nonzero(), from_other.any(0).nonzero()
+            if len(rows):  # the pasted region is one box
+                assert from_other.sum() == (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        else:
+            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-5)
+            mix_lams.append(lam)
+    assert abs(cut / 2000 - 0.5) < 4 * math.sqrt(0.25 / 2000)  # switch probability 1/2
+    lams = torch.tensor(mix_lams)
+    # Beta(0.8, 0.8): mean 1/2, variance 1 / (4 (2 alpha + 1)) = 0.0962
+    assert abs(lams.mean() - 0.5) < 4 * math.sqrt(0.0962 / len(lams))
+    assert abs(lams.var() - 0.0962) < 0.015
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets: subsets, pre-training and fine-tuning batches, bad --data-dir
+
+def test_train_images_is_a_fixed_subset(cifar_dir):
+    full = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"))
+    a = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"), limit=7)
+    b = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"), limit=7)
+    assert len(a) == 7 and torch.equal(a.pixels, b.pixels)
+    rows = [int(((full.pixels == a.pixels[i]).flatten(1).all(1)).nonzero()[0]) for i in range(7)]
+    assert rows == sorted(rows) and len(set(rows)) == 7 and rows != list(range(7))
+    assert torch.equal(a.labels, full.labels[rows])
+    for bad in (0, len(full) + 1):
+        with pytest.raises(UsageError, match="--train-images"):
+            data.Images("cifar10", cifar_dir, "test", torch.device("cpu"), limit=bad)
+
+
+def test_cifar_batches_for_each_recipe(cifar_dir):
+    images = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"))
+    idx = torch.arange(6)
+    g = lambda: data.generator(torch.device("cpu"), 4)
+    x, y = images.batch(idx)
+    x_w, y_w = images.finetune_batch(idx, g(), "weak")
+    assert torch.equal(x_w, x) and torch.equal(y_w, y)  # the released CIFAR-10 fine-tuning: no augmentation
+    for augment in ("strong", "autoaug"):
+        xa, ya = images.finetune_batch(idx, g(), augment)
+        assert xa.shape == x.shape and torch.equal(ya, y) and xa.min() >= 0 and xa.max() <= 1
+    x0, v1, v2 = images.pretrain_views(idx, g())
+    assert all(v.shape == x.shape for v in (x0, v1, v2)) and v1.min() >= -1e-6 and v2.max() <= 1 + 1e-6
+    assert all(torch.equal(x0[b], x[b]) or torch.equal(x0[b], x[b].flip(2)) for b in range(6))
+    with pytest.raises(UsageError, match="unknown fine-tuning augmentation"):
+        images.finetune_batch(idx, g(), "autoaugment")
+
+
+def test_imagenet_crops_come_from_the_full_image(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(2)
+    (tmp_path / "train" / "n01").mkdir(parents=True)
+    for k, (w, h) in enumerate([(500, 375), (300, 460)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / "train" / "n01" / f"{k}.png")
+    images = data.Images("imagenet", str(tmp_path), "train", torch.device("cpu"))
+    idx = torch.tensor([1, 0])
+    g = data.generator(torch.device("cpu"), 8)
+    x, _ = images.finetune_batch(idx, g, "strong")
+    # by hand: the same uniforms give the box in the full 300 x 460 image, cropped then bicubic-resized
+    u = torch.rand(2, 10, 4, generator=data.generator(torch.device("cpu"), 8))
+    top, left, h, w = (int(v) for v in data.rrc_boxes(u[:1], torch.tensor([460]), torch.tensor([300]), (0.4, 1.0)))
+    with Image.open(tmp_path / "train" / "n01" / "1.png") as im:
+        crop = _from_pil(im.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC))
+    assert torch.equal(x[0] * 255, crop) or torch.equal(x[0] * 255, crop.flip(2))
+    for augment in ("weak", "autoaug"):
+        assert images.finetune_batch(idx, g, augment)[0].shape == (2, 3, 224, 224)
+    x0, v1, v2 = images.pretrain_views(idx, g)
+    assert x0.shape == v1.shape == v2.shape == (2, 3, 224, 224)
+
+
+def test_data_dir_that_is_a_file_is_one_clear_error(tmp_path):
+    afile = tmp_path / "passwd"
+    afile.write_text("root:x:0:0\n")
+    for dataset in ("cifar10", "imagenet"):
+        with pytest.raises(UsageError, match="is not a directory"):
+            data.Images(dataset, str(afile), "train", torch.device("cpu"))
+
+
+def test_failed_download_is_one_line_and_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CIFAR10_URL", (tmp_path / "no-such-archive.tar.gz").as_uri())  # fails at once
+    typo = tmp_path / "cifra10"
+    with pytest.raises(UsageError) as err:
+        data.Images("cifar10", str(typo), "train", torch.device("cpu"))
+    message = str(err.value)
+    assert "download" in message and "cifra10" in message and "\n" not in message
+    assert not typo.exists()
