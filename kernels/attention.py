@@ -8,8 +8,8 @@ Shapes: q, k, v are [B, H, L, D]. L need not be a multiple of the block (rRCM us
 64 patches + class + time token, and 198 on ImageNet); D is any size up to 128 (padded to a power of two
 inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
 
-Autotune configs below are an untuned first guess: no GPU has been available to tune them yet
-(see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the first config is used as is.
+Autotune configs below are an untuned first guess: no GPU has been available to tune them yet; they are
+only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the first config is used as is.
 """
 import math
 
@@ -21,8 +21,11 @@ from .launch import autotuned, tile, upcast
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M query rows, BLOCK_N key rows, warps, stages). Small blocks suit L = 66; larger ones L = 198.
-_CONFIGS = [(32, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3), (32, 64, 4, 3)]
+# (BLOCK_M query rows, BLOCK_N key rows, warps, stages), shared by the three kernels. Unmeasured guesses,
+# kept to the ones that compile without register spills for sm_80 and sm_90a in bf16 and fp32 at head dims
+# 32 and 64 (tests/test_gpu_compile.py; 64 x 64 spilled in dk/dv). The first is the interpreter's: small,
+# so the CPU tests loop over several tiles.
+CONFIGS = [(32, 32, 4, 2), (64, 32, 4, 2)]
 
 
 @triton.jit
@@ -32,10 +35,17 @@ def _load(X, base, rows, cols, row_ok, col_ok, D, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _program(L, BLOCK: tl.constexpr):
+    """(head, tile) of this program on the one-axis grid that `grid` builds, tiles of a head adjacent."""
+    tiles = tl.cdiv(L, BLOCK)
+    pid = tl.program_id(0)
+    return pid // tiles, pid % tiles
+
+
+@triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
                 D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
@@ -70,8 +80,7 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
                      D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     # One program owns BLOCK_N keys and sweeps all queries, so dk and dv are written once (no atomics).
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, pid_n = _program(L, BLOCK_N)
     base = bh.to(tl.int64) * L * D
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, D_PAD)
@@ -104,8 +113,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
                    D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, D_PAD)
@@ -131,14 +139,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
     tl.store(DQ + base + rows[:, None] * D + cols[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-_BLOCKS, _KEY = ("BLOCK_M", "BLOCK_N"), ["L", "D_PAD"]
-_fwd, _fwd_blocks = autotuned(_fwd_kernel, _BLOCKS, _CONFIGS, _KEY)
-_bwd_dkdv, _bwd_dkdv_blocks = autotuned(_bwd_dkdv_kernel, _BLOCKS, _CONFIGS, _KEY)
-_bwd_dq, _bwd_dq_blocks = autotuned(_bwd_dq_kernel, _BLOCKS, _CONFIGS, _KEY)
+BLOCKS, _KEY = ("BLOCK_M", "BLOCK_N"), ["L", "D_PAD"]
+_fwd, _fwd_blocks = autotuned(_fwd_kernel, BLOCKS, CONFIGS, _KEY)
+_bwd_dkdv, _bwd_dkdv_blocks = autotuned(_bwd_dkdv_kernel, BLOCKS, CONFIGS, _KEY)
+_bwd_dq, _bwd_dq_blocks = autotuned(_bwd_dq_kernel, BLOCKS, CONFIGS, _KEY)
 
 
-def _grid(rows_per_program: str, L: int, BH: int):
-    return lambda meta: (triton.cdiv(L, meta[rows_per_program]), BH)
+def grid(L: int, BH: int, block: int) -> tuple[int]:
+    """All B * H heads x cdiv(L, block) tiles on grid axis 0, which allows 2^31 - 1 programs: axes 1 and 2
+    stop at 65,535, fewer than the heads of one B-Deep step (4096 images x 24). Tiles of one head are
+    neighbours in launch order, so its K and V are read from L2 by all but the first."""
+    return (BH * triton.cdiv(L, block),)
 
 
 # Registered as custom ops (forward and backward), so torch.compile keeps each one as a single opaque node
@@ -152,7 +163,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     o = torch.empty_like(q)
     lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
-    _fwd[_grid("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=_d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
+    _fwd[lambda meta: grid(L, B * H, meta["BLOCK_M"])](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
     return o, lse
 
 
@@ -172,9 +183,9 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scale = 1.0 / math.sqrt(D)
     args = (L, D, scale * LOG2E, scale)
-    _bwd_dkdv[_grid("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=_d_pad(D), UPCAST=upcast(q),
+    _bwd_dkdv[lambda meta: grid(L, B * H, meta["BLOCK_N"])](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
                                           **_bwd_dkdv_blocks)
-    _bwd_dq[_grid("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=_d_pad(D), UPCAST=upcast(q),
+    _bwd_dq[lambda meta: grid(L, B * H, meta["BLOCK_M"])](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
                                         **_bwd_dq_blocks)
     return dq, dk, dv
 
@@ -184,7 +195,8 @@ def _(do, q, k, v, o, lse):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _d_pad(D: int) -> int:
+def d_pad(D: int) -> int:
+    """The head dim rounded up to a power of two, at least 16 (the smallest tl.dot operand)."""
     return max(16, triton.next_power_of_2(D))
 
 

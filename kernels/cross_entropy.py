@@ -30,6 +30,20 @@ def _cross_entropy_kernel(X, Y, LOSS, GRAD, C, BLOCK_C: tl.constexpr):
     tl.store(GRAD + row * C + cols, grad.to(GRAD.dtype.element_ty), mask=ok)
 
 
+def block_size(C: int) -> int:
+    return triton.next_power_of_2(C)
+
+
+def num_warps(block: int) -> int:
+    """About 8 logits per thread (32 x 8 = 256 per warp), so the row stays in registers."""
+    return min(16, max(1, block // 256))
+
+
+def grid(B: int) -> tuple[int]:
+    """One program per row on axis 0 (up to 2^31 - 1 rows)."""
+    return (B,)
+
+
 # A custom op (see attention.py): torch.compile keeps it as one opaque node.
 @torch.library.custom_op("rrcm::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,9 +54,9 @@ def _cross_entropy_fwd(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Ten
     logits = logits.contiguous()
     loss = torch.empty(B, device=logits.device, dtype=torch.float32)
     grad = torch.empty_like(logits)
-    block = triton.next_power_of_2(C)
-    warps = 1 if INTERPRET else min(16, max(1, block // 256))
-    _cross_entropy_kernel[(B,)](logits, y.contiguous(), loss, grad, C, BLOCK_C=block, num_warps=warps)
+    block = block_size(C)
+    warps = 1 if INTERPRET else num_warps(block)
+    _cross_entropy_kernel[grid(B)](logits, y.contiguous(), loss, grad, C, BLOCK_C=block, num_warps=warps)
     return loss.to(logits.dtype), grad
 
 

@@ -11,7 +11,8 @@ Gradients, with g_i the incoming gradient of loss_i and p_ij = softmax_j(q_i . k
     dq_i = g_i / tau * (sum_j p_ij k_j - k_pos(i))
     dk_j = 1 / tau * (sum_i g_i p_ij q_i - g_i q_i [j = pos(i)])
 The sums are one kernel run twice (rows = queries, then rows = keys); the positive terms are O(B D)
-and done in torch. Autotune configs are a first guess, not yet tuned on a GPU (see bench/README.md).
+and done in torch. Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
+without spills (see bench/README.md).
 """
 import torch
 import triton
@@ -21,10 +22,15 @@ from .launch import autotuned, tile, upcast
 
 LOG2E = 1.4426950408889634
 
+# Unmeasured guesses, kept to those that compile without register spills for sm_80 and sm_90a in bf16 and
+# fp32 (tests/test_gpu_compile.py: 64 x 64 x 64 with 4 warps spilled, and every 4-warp 128-column weighted
+# sum in fp32). The first config is the interpreter's: small, so the CPU tests loop over several tiles.
 # (BLOCK_R rows, BLOCK_C columns, BLOCK_D reduction chunk, warps, stages)
-_FWD_CONFIGS = [(32, 32, 32, 4, 2), (64, 64, 64, 4, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3)]
+FWD_BLOCKS = ("BLOCK_R", "BLOCK_C", "BLOCK_D")
+FWD_CONFIGS = [(32, 32, 32, 4, 2), (64, 128, 64, 8, 3)]
 # (BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_O output columns, warps, stages)
-_BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 64, 64, 128, 4, 3), (64, 64, 64, 256, 8, 3), (128, 64, 64, 128, 8, 3)]
+BWD_BLOCKS = ("BLOCK_R", "BLOCK_C", "BLOCK_D", "BLOCK_O")
+BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 64, 64, 128, 8, 3)]
 
 
 @triton.jit
@@ -92,15 +98,23 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
     tl.store(OUT + rows[:, None].to(tl.int64) * D + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
 
 
-_lse, _lse_blocks = autotuned(_lse_kernel, ("BLOCK_R", "BLOCK_C", "BLOCK_D"), _FWD_CONFIGS, ["B", "M", "D"])
-_wsum, _wsum_blocks = autotuned(_weighted_sum_kernel, ("BLOCK_R", "BLOCK_C", "BLOCK_D", "BLOCK_O"),
-                                _BWD_CONFIGS, ["R", "C", "D", "LSE_ON_ROWS"])
+_lse, _lse_blocks = autotuned(_lse_kernel, FWD_BLOCKS, FWD_CONFIGS, ["B", "M", "D"])
+_wsum, _wsum_blocks = autotuned(_weighted_sum_kernel, BWD_BLOCKS, BWD_CONFIGS, ["R", "C", "D", "LSE_ON_ROWS"])
+
+
+def lse_grid(B: int, meta: dict) -> tuple[int]:
+    """One program per BLOCK_R query rows, on axis 0 (up to 2^31 - 1 programs)."""
+    return (triton.cdiv(B, meta["BLOCK_R"]),)
+
+
+def weighted_sum_grid(R: int, D: int, meta: dict) -> tuple[int, int]:
+    """Row tiles on axis 0 (up to 2^31 - 1); output-column tiles on axis 1, D / BLOCK_O: 24 for D = 768."""
+    return triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(D, meta["BLOCK_O"])
 
 
 def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.Tensor:
     out = torch.empty(a.shape, device=a.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(a.shape[0], meta["BLOCK_R"]), triton.cdiv(a.shape[1], meta["BLOCK_O"]))
-    _wsum[grid](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
+    _wsum[lambda meta: weighted_sum_grid(a.shape[0], a.shape[1], meta)](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
                 LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), **_wsum_blocks)
     return out
 
@@ -112,8 +126,7 @@ def _info_nce_fwd(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int) -> 
     B, D = q.shape
     q, k = q.contiguous(), k.contiguous()
     lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(B, meta["BLOCK_R"]),)
-    _lse[grid](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
+    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
     positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
     return (lse2 / LOG2E - positive).to(q.dtype), lse2
 
