@@ -3,9 +3,13 @@
 Each has a fused Triton kernel and a plain PyTorch reference beside it (one file per family). Which one
 runs is chosen once per process with `use("triton" | "torch")` (the scripts' `--kernels` flag):
 `triton` is the default when CUDA is available, `torch` otherwise. CPU tensors always take the
-reference unless TRITON_INTERPRET=1 is set, which is how the tests check the kernels without a GPU.
+torch path unless TRITON_INTERPRET=1 is set, which is how the tests check the kernels without a GPU.
+The torch path runs torch's own scaled_dot_product_attention for attention, not attention_reference:
+the reference computes in fp32 whatever the input, which would undo bf16 autocast on a CPU. The
+references stay the definitions every kernel, SDPA included, is tested against.
 """
 import torch
+import torch.nn.functional as F
 
 from .attention import attention_reference, attention_triton
 from .cross_entropy import cross_entropy_reference, cross_entropy_triton
@@ -36,7 +40,7 @@ def _fused(t: torch.Tensor) -> bool:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape [B, H, L, D]."""
-    return attention_triton(q, k, v) if _fused(q) else attention_reference(q, k, v)
+    return attention_triton(q, k, v) if _fused(q) else F.scaled_dot_product_attention(q, k, v)
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
