@@ -1,5 +1,8 @@
-"""CERTIFY and PREDICT against closed forms and independent statistics."""
+"""CERTIFY and PREDICT against closed forms and independent statistics; certify.py's flags and results-file rules."""
+import fcntl
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from scipy.optimize import brentq
 from scipy.stats import binom, norm
 
 import certify
-import report
+from conftest import ROOT
 
 
 def clopper_pearson_lower(k, n, alpha):
@@ -78,36 +81,67 @@ def test_predict_uses_binomial_test():
     assert certify.predict_from_counts(np.array([5, 80, 15]), 0.001) == 1
 
 
-def test_report_table_and_envelope(tmp_path):
-    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    a.write_text(report.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
-    b.write_text(report.HEADER + "\n0\t1\t1\t1.3\t1\t1.0\n1\t2\t0\t0.8\t0\t1.0\n2\t0\t0\t0.1\t1\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
-    rows = report.read_tsv(str(a))
-    assert [report.certified_accuracy(rows["radius"], rows["correct"], r) for r in (0, 0.25, 0.5, 1.0)] == [0.5, 0.5, 0.25, 0.0]
-    assert report.average_certified_radius(rows["radius"], rows["correct"]) == pytest.approx(0.275)
-    lines = report.table(["a", "b"], [rows, report.read_tsv(str(b))], envelope=True).splitlines()
-    # radii 0 .. 1.25 (the largest certified radius is 1.3); a: 50 50 25 25 0 0, b: 50 25 25 25 25 25
-    assert lines[0].split()[1:] == ["0.00", "0.25", "0.50", "0.75", "1.00", "1.25", "ACR", "images"]
-    assert lines[1].split()[1:] == ["50.0", "50.0", "25.0", "25.0", "0.0", "0.0", "0.275", "4"]
-    assert lines[2].split()[1:7] == ["50.0", "25.0", "25.0", "25.0", "25.0", "25.0"]
-    assert lines[3].split()[3:9] == ["50.0", "50.0", "25.0", "25.0", "25.0", "25.0"]  # best of above
+def test_radius_is_rounded_down_to_4_decimals():
+    """By hand: 0.24996 must not become 0.2500 (that would count at r = 0.25)."""
+    assert certify.floor_radius(0.24996) == "0.2499"
+    assert certify.floor_radius(0.25) == "0.2500" and certify.floor_radius(0.0) == "0.0000"
+    assert certify.floor_radius(0.61649) == "0.6164" and certify.floor_radius(1.99999999) == "1.9999"
+    # a certificate from counts: 9996 of 10000 at alpha 0.001, sigma 0.5 gives 1.486074...: written 1.4860, where
+    # rounding to nearest would write 1.4861
+    _, radius = certify.certify_from_counts(np.array([0, 100]), np.array([4, 9996]), 10000, 0.001, 0.5)
+    expected = 0.5 * norm.ppf(clopper_pearson_lower(9996, 10000, 0.001))
+    assert abs(radius - expected) < 1e-9 and f"{expected:.4f}" == "1.4861" and certify.floor_radius(radius) == "1.4860"
 
 
-def test_report_rejects_a_file_that_is_not_a_tsv(tmp_path):
-    bad = tmp_path / "x.tsv"
-    bad.write_text("hello\n")
-    with pytest.raises(report.ReportError, match="not a certification TSV"):
-        report.read_tsv(str(bad))
+def test_imagenet_default_subset_is_500_images_from_500_classes():
+    """The val folder sorted by class, 50 images each: every 100th image is one image of every other class."""
+    labels = np.repeat(np.arange(1000), 50)
+    chosen = certify.certified_indices(len(labels), certify.DEFAULT_SKIP["imagenet"], 500)
+    assert len(chosen) == 500 and len(set(labels[chosen])) == 500
+    cifar = certify.certified_indices(10_000, certify.DEFAULT_SKIP["cifar10"], 500)
+    assert len(cifar) == 500 and cifar[:3] == [0, 20, 40] and cifar[-1] == 9980
 
 
-def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
-    import subprocess
-    import sys
-    tsv = tmp_path / "a.tsv"
-    tsv.write_text(report.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n")
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(report.ReportError, match="--plot needs matplotlib"):
-        report.main([str(tsv), "--plot", str(tmp_path / "p.png")])
-    result = subprocess.run([sys.executable, "report.py", str(tmp_path / "missing.tsv")], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert result.returncode != 0 and result.stderr.strip() == f"report.py: error: cannot read {tmp_path / 'missing.tsv'}"
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_sigma_must_be_finite(value):
+    with pytest.raises(SystemExit, match="--sigma must be > 0 and finite"):
+        certify.parse_args([f"--sigma={value}"])
+
+
+@pytest.mark.parametrize("out,reason", [("/proc/x", "cannot write /proc/x"), ("/etc/passwd/x", "/etc/passwd is not a directory")])
+def test_unwritable_out_is_one_line(out, reason):
+    with pytest.raises(certify.UsageError, match=reason):
+        certify.lock_results(out)
+
+
+def test_one_writer_per_results_file(tmp_path):
+    """A second writer is refused at once; once the first is gone (closed, or its process killed) the lock is free."""
+    path = str(tmp_path / "c.tsv")
+    first = certify.lock_results(path)
+    with pytest.raises(certify.UsageError, match="being written by another certify.py run"):
+        certify.lock_results(path)
+    first.close()
+    certify.lock_results(path).close()
+    with open(path + ".lock") as other:  # an independent flock from outside certify.py
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(certify.UsageError, match="being written"):
+            certify.lock_results(path)
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        certify.parse_args(["--help"])
+    text = capsys.readouterr().out
+    flags = [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+    blocks = text.split("\n  --")[1:]
+    assert len(flags) == len(blocks) >= 15
+    missing = [block.split()[0] for block in blocks if "(default:" not in " ".join(block.split())]
+    assert not missing, f"flags without a default in --help: {missing}"
+
+
+def test_triton_kernels_on_a_cpu_is_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user runs it, not under the interpreter
+    result = subprocess.run([sys.executable, "certify.py", "--kernels", "triton", "--checkpoint", "nowhere.pt"], cwd=ROOT,
+                            capture_output=True, text=True, env=env)
+    expected = "nowhere.pt does not exist" if torch.cuda.is_available() else "--kernels triton needs a CUDA GPU"
+    assert expected in result.stderr and result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr

@@ -1,57 +1,214 @@
-"""certify.py as a user runs it: resume after a kill, two processes, one writer, refusing to mix results."""
+"""certify.py as a user runs it: killed and resumed, interrupted, two processes, one writer, the noise and time
+it feeds the model, refusing to mix results, bf16 reproducible, adaptive against fixed n on a trained checkpoint."""
+import contextlib
+import glob
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
 import pytest
-from scipy.stats import norm
+import torch
 
 import certify
-from conftest import FAST
-from test_faults import torchrun
+import report
+from conftest import FAST, ROOT
 
 
 def rows_without_time(path) -> list:
-    return [line.split("\t")[:5] for line in open(path).read().splitlines()]
+    """Every field but the time (column 6)."""
+    return [line.split("\t")[:5] + line.split("\t")[6:] for line in open(path).read().splitlines()]
 
 
 def certify_args(ckpt, cifar_dir, out, *extra):
     return ["--checkpoint", ckpt, "--data-dir", cifar_dir, "--out", str(out), "--n", "300", "--n0", "100",
-            "--num", "5", "--skip", "3", "--batch", "200", *extra]
+            "--num", "5", "--skip", "3", "--batch", "200", *FAST, *extra]
 
 
-def test_two_process_certify_equals_one_process(finetuned, cifar_dir, tmp_path):
-    certify.main(certify_args(finetuned, cifar_dir, tmp_path / "one.tsv", *FAST))
-    result = torchrun("certify.py", *certify_args(finetuned, cifar_dir, tmp_path / "two.tsv"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    one, two = rows_without_time(tmp_path / "one.tsv"), rows_without_time(tmp_path / "two.tsv")
-    assert len(one) == 6 and one == two  # header + 5 images, same order, predictions and radii
+ADAPTIVE = ["--adaptive", "--stages", "100"]  # looks at 100 and 300 samples; radii 0 and 0.25 (0.25 Phi^-1(0.0005^(1/300)) = 0.49)
 
 
-def test_certify_resumes_after_a_kill_without_duplicates(finetuned, cifar_dir, tmp_path):
-    full = tmp_path / "full.tsv"
-    certify.main(certify_args(finetuned, cifar_dir, full, *FAST))
-    cut = tmp_path / "cut.tsv"
-    certify.main(certify_args(finetuned, cifar_dir, cut, *FAST))
-    lines = cut.read_text().splitlines(keepends=True)
-    cut.write_text("".join(lines[:3]) + lines[3][:7])  # killed while writing the third image's line
-    certify.main(certify_args(finetuned, cifar_dir, cut, *FAST))
-    assert rows_without_time(cut) == rows_without_time(full)
+def run_quietly(argv) -> str:
+    """certify.main, returning what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        certify.main(argv)
+    return printed.getvalue()
 
 
-def test_certify_refuses_to_mix_configurations(finetuned, cifar_dir, tmp_path):
+@pytest.fixture(scope="module")
+def fixed_run(finetuned, cifar_dir, tmp_path_factory):
+    """One uninterrupted fixed-n run: the reference the other runs must reproduce. (TSV path, printed output)"""
+    out = tmp_path_factory.mktemp("fixed") / "c.tsv"
+    return out, run_quietly(certify_args(finetuned, cifar_dir, out))
+
+
+@pytest.fixture(scope="module")
+def adaptive_run(finetuned, cifar_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adaptive") / "c.tsv"
+    return out, run_quietly(certify_args(finetuned, cifar_dir, out, *ADAPTIVE, "--batch", "100"))
+
+
+def torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
+    """Two processes under torchrun. On failure the message holds each rank's own stderr (--tee copies it to
+    the log dir), not only the launcher's summary, which cuts the cause off."""
+    logs = tmp_path / "torchrun_logs"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
+           "--tee", "3", "--", *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        ranks = "\n".join(f"--- {path}:\n{open(path).read()[-3000:]}" for path in sorted(glob.glob(f"{logs}/**/stderr.log", recursive=True)))
+        raise AssertionError(f"torchrun exited {result.returncode}\n{ranks}\n--- launcher:\n{result.stderr[-2000:]}")
+    return result
+
+
+def test_two_process_certify_equals_one_process(adaptive_run, finetuned, cifar_dir, tmp_path):
+    """Adaptive, so that images stop at different stages: rank 0 still writes them in image order. (Fixed n runs
+    the same rounds and gather; one torchrun is what the time budget of the suite allows.)"""
+    two = tmp_path / "two.tsv"
+    torchrun(tmp_path, "certify.py", *certify_args(finetuned, cifar_dir, two, *ADAPTIVE))
+    one = rows_without_time(adaptive_run[0])
+    assert len(one) == 6 and one == rows_without_time(two)  # header + 5 images, same order, predictions, radii, samples
+
+
+def wait_for_rows(path, count: int, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until the TSV holds `count` whole data rows."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path) and open(path).read().count("\n") >= count + 1:
+            return
+        assert process.poll() is None, f"certify.py ended early: {process.stderr.read()}"
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not reach {count} rows in {timeout} s")
+
+
+def start_certify(argv) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "certify.py", *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def test_certify_resumes_after_sigkill_without_duplicates(fixed_run, finetuned, cifar_dir, tmp_path):
+    """A real process killed mid-run (SIGKILL: no handler runs, the lock is dropped by the kernel), then the
+    same command: the file equals an uninterrupted run's."""
     out = tmp_path / "c.tsv"
-    certify.main(certify_args(finetuned, cifar_dir, out, *FAST))
-    before = out.read_text()
-    with pytest.raises(Exception, match="different configuration"):
-        certify.main(certify_args(finetuned, cifar_dir, out, "--alpha", "0.01", *FAST))
-    assert out.read_text() == before
+    process = start_certify(certify_args(finetuned, cifar_dir, out))
+    wait_for_rows(out, 2, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL and open(out).read().count("\n") < 6  # it really was cut short
+    run_quietly(certify_args(finetuned, cifar_dir, out))
+    assert rows_without_time(out) == rows_without_time(fixed_run[0])
 
 
-def test_certify_at_another_sigma_than_fine_tuned(finetuned, cifar_dir, tmp_path, capsys, monkeypatch):
-    """Paper Table 9: a model fine-tuned at sigma 0.25 certified with sigma 0.5 noise, seen at t = 1.0."""
-    seen_t = []
-    real = certify.predict_noisy
-    monkeypatch.setattr(certify, "predict_noisy", lambda model, x, eps, sigma: seen_t.append(sigma) or real(model, x, eps, sigma))
+def test_sigint_keeps_whole_lines_and_a_second_writer_is_refused(adaptive_run, finetuned, cifar_dir, tmp_path):
+    """While an adaptive run writes, a second certify on the same TSV refuses at once; Ctrl-C then stops the
+    first with one line and whole lines only; the same command resumes (with another --batch) to the result of
+    an uninterrupted run."""
     out = tmp_path / "c.tsv"
-    certify.main(certify_args(finetuned, cifar_dir, out, "--sigma", "0.5", *FAST))
-    assert "sigma 0.5 (fine-tuned at 0.25)" in capsys.readouterr().out and set(seen_t) == {0.5}
-    largest = 0.5 * norm.ppf(0.001 ** (1 / 300))  # every one of the n = 300 samples correct
+    argv = certify_args(finetuned, cifar_dir, out, *ADAPTIVE)
+    process = start_certify(argv)
+    wait_for_rows(out, 1, process)
+    with pytest.raises(certify.UsageError, match="being written by another certify.py run"):
+        certify.main(argv)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode != 0 and len(stderr.strip().splitlines()) == 1, stderr
+    assert "interrupted by SIGINT" in stderr and "run the same command to continue" in stderr
+    text = open(out).read()
+    assert text.endswith("\n") and report.check_rows(str(out), text.encode(), report.ADAPTIVE_HEADER)
+    run_quietly(argv[:-len(ADAPTIVE)] + ["--batch", "300", *ADAPTIVE])
+    assert rows_without_time(out) == rows_without_time(adaptive_run[0])
+
+
+def test_certify_refuses_to_mix_configurations(fixed_run, finetuned, cifar_dir, tmp_path):
+    out = tmp_path / "c.tsv"
+    for suffix in ("", ".json"):
+        shutil.copy(str(fixed_run[0]) + suffix, str(out) + suffix)
+    before = out.read_bytes()
+    for extra, changed in ((["--alpha", "0.01"], "alpha"), (ADAPTIVE, "mode"), (["--precision", "bf16"], "precision")):
+        with pytest.raises(certify.UsageError, match=f"different configuration \\({changed}"):
+            certify.main(certify_args(finetuned, cifar_dir, out, *extra))
+    assert out.read_bytes() == before
+
+
+def test_a_garbage_line_is_refused_and_the_file_left_alone(fixed_run, finetuned, cifar_dir, tmp_path):
+    out = tmp_path / "c.tsv"
+    for suffix in ("", ".json"):
+        shutil.copy(str(fixed_run[0]) + suffix, str(out) + suffix)
+    with open(out, "a") as f:
+        f.write("garbage line\n")
+    before = out.read_bytes()
+    with pytest.raises(certify.UsageError, match="c.tsv, line 7: 1 columns, expected 6; not appending"):
+        certify.main(certify_args(finetuned, cifar_dir, out))
+    assert out.read_bytes() == before
+
+
+class Spy(torch.nn.Module):
+    """The fine-tuned model, recording what certify feeds it: the time t and the spread of the noisy inputs."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.cfg, self.seen = model, model.cfg, []
+
+    def forward(self, x_t, t):
+        # x_t is (x + sigma eps - 0.5) / 0.5 for one image x: its std over the batch is 2 sigma per pixel
+        self.seen.append((t, x_t.std(0).mean().item(), len(x_t)))
+        return self.model(x_t, t)
+
+
+def test_certify_at_another_sigma_feeds_that_noise_and_the_snapped_time(finetuned, cifar_dir, tmp_path, monkeypatch):
+    """Paper Table 9: a model fine-tuned at sigma 0.25 certified at sigma 0.5. The noise applied must have std 0.5
+    in pixel space (1.0 in model space), and the time input is 2 sigma = 1.0 snapped to the nearest point of the
+    81-point EDM grid of pre-training, 0.9654 (t_i = (80^(1/7) + i/80 (0.002^(1/7) - 80^(1/7)))^7 at i = 48;
+    its neighbours 1.0963 and 0.8482 are farther from 1.0)."""
+    spies = []
+    real = certify.model_from_checkpoint
+    monkeypatch.setattr(certify, "model_from_checkpoint", lambda ckpt: spies.append(Spy(real(ckpt))) or spies[-1])
+    out = tmp_path / "c.tsv"
+    printed = run_quietly(certify_args(finetuned, cifar_dir, out, "--sigma", "0.5", "--num", "2", "--n", "200"))
+    assert "sigma 0.5 (fine-tuned at 0.25)" in printed
+    grid_point = (80 ** (1 / 7) + 48 / 80 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert abs(grid_point - 0.9654) < 1e-4
+    seen = spies[0].seen
+    assert len(seen) == 2 * (1 + 1)  # per image one selection batch (100) and one estimation batch (200)
+    for t, spread, size in seen:
+        assert float(t) == pytest.approx(grid_point, abs=1e-9)
+        assert spread == pytest.approx(2 * 0.5, abs=4 / size ** 0.5)  # sample std of `size` normals: error ~ 1/sqrt(2 size)
+    largest = 0.5 * np.sqrt(2) * float(torch.special.erfinv(torch.tensor(2 * 0.001 ** (1 / 200) - 1, dtype=torch.float64)))
     radii = [float(line.split("\t")[3]) for line in out.read_text().splitlines()[1:]]
-    assert len(radii) == 5 and max(radii) <= largest + 1e-4
+    assert len(radii) == 2 and max(radii) <= largest  # every one of the n = 200 samples correct at most
+
+
+def test_bf16_certification_is_reproducible(finetuned, cifar_dir, tmp_path):
+    """bf16 autocast is another deterministic base classifier: the same command gives the same TSV. (One image,
+    n = 100: bf16 is emulated, five times slower than fp32, on CPUs without AMX/AVX512-BF16 like this one.)"""
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    argv = lambda out: certify_args(finetuned, cifar_dir, out, "--precision", "bf16", "--num", "1", "--n", "100", "--batch", "100")
+    printed = run_quietly(argv(a))
+    run_quietly(argv(b))
+    assert "precision bf16" in printed and rows_without_time(a) == rows_without_time(b)
+    assert '"precision": "bf16"' in open(str(a) + ".json").read()
+
+
+def test_adaptive_table_agrees_with_fixed_n_on_the_fine_tuned_checkpoint(fixed_run, adaptive_run):
+    """Same images, same noise: the certified-accuracy table at the adaptive run's reported radii (0 and 0.25)
+    equals fixed-n CERTIFY's, the predictions are the same, and the adaptive run drew no more samples."""
+    fixed, adaptive = report.read_tsv(str(fixed_run[0])), report.read_tsv(str(adaptive_run[0]))
+    for r in (0.0, 0.25):
+        assert report.certified_accuracy(fixed["radius"], fixed["correct"], r) == report.certified_accuracy(adaptive["radius"], adaptive["correct"], r)
+    assert [row[2] for row in rows_without_time(fixed_run[0])] == [row[2] for row in rows_without_time(adaptive_run[0])]
+    assert set(adaptive["samples"]) <= {100, 300} and "stages [100, 300], radii [0.0, 0.25]" in adaptive_run[1]
+
+
+def test_progress_names_device_precision_and_eta(fixed_run, finetuned, cifar_dir, tmp_path, monkeypatch):
+    printed = fixed_run[1]
+    assert "on CPU" in printed and "precision fp32" in printed
+    lines = [line for line in printed.splitlines() if line.startswith("image ")]
+    assert [line.split(" |")[0] for line in lines] == [f"image {k} / 5" for k in range(1, 6)]
+    assert all("samples/s" in line and "elapsed 0:00:" in line and "ETA " in line for line in lines)
+    monkeypatch.setattr(certify, "PROGRESS_EVERY", 0.0)  # a line after every batch, as every 30 s on a slow machine
+    printed = run_quietly(certify_args(finetuned, cifar_dir, tmp_path / "c.tsv", "--num", "1", "--n", "200", "--batch", "100"))
+    assert "image 1 / 1: 100 of 300 samples" in printed and "image 1 / 1: 300 of 300 samples" in printed
