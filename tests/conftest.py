@@ -3,7 +3,7 @@ import os
 import pickle
 import sys
 
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ["TRITON_INTERPRET"] = "0" if os.environ.get("RRCM_TEST_GPU") == "1" else "1"  # 1: no GPU; see bench/gpu_check.py
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
