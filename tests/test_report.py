@@ -1,6 +1,5 @@
 """report.py: tables and the best-over-sigma envelope against hand-counted values, and every malformed file refused
 in one line that names the file and the line."""
-import os
 import subprocess
 import sys
 
