@@ -181,7 +181,7 @@ def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray],
     wrong certificate needs this at the stage that stopped; a union bound over the K looks gives at most
     sum_k alpha_k = alpha, for any stopping rule. The price: every bound is at level alpha / K instead of
     alpha, so at the same n the radius is slightly smaller than CERTIFY's (n = 100,000, K = 3: the largest
-    certifiable radius falls from 3.81 sigma to 3.78 sigma), and radii above the largest reported radius
+    certifiable radius falls from 3.81 sigma to 3.77 sigma), and radii above the largest reported radius
     are cut short, so the ACR is lower than CERTIFY's while the table at the reported radii agrees up to
     sampling noise. The upper bound in the stopping rule affects only how many samples are drawn, never
     the guarantee.
