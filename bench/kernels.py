@@ -2,7 +2,7 @@
 attention, torch's scaled_dot_product_attention), at the shapes of rRCM-B. Ratios come from one run.
 
     python bench/kernels.py            # on a GPU: the real shapes, bf16 and fp32 (markdown tables)
-    python bench/kernels.py --tiny     # toy shapes, seconds under the interpreter (bench/gpu_check.py --cpu-tiny)
+    python bench/kernels.py --tiny     # toy shapes, bf16 only: seconds under the interpreter (gpu_check.py --cpu-tiny)
 On a machine without CUDA it runs every measurement at toy shapes (batch / 64 for attention and
 cross-entropy, / 512 for InfoNCE) under the Triton interpreter: that checks that the script and kernels
 run, and says nothing about speed.
@@ -119,10 +119,11 @@ def shapes(tiny: bool) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description="fused kernels against their PyTorch references")
     p.add_argument("--tiny", action="store_true", help="toy shapes only (seconds under the CPU interpreter)")
-    sizes = shapes(p.parse_args().tiny)
+    tiny = p.parse_args().tiny
+    sizes = shapes(tiny)
     where = torch.cuda.get_device_name() if GPU else "CPU, Triton interpreter, toy shapes (timings meaningless)"
     print(f"device: {where}; torch {torch.__version__}")
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16,) if tiny else (torch.bfloat16, torch.float32):
         print(table(f"attention fwd+bwd, {dtype}", attention_rows(dtype, sizes["attention"])))
         print(table(f"InfoNCE fwd+bwd (tau 0.2), {dtype}", info_nce_rows(dtype, sizes["info_nce"])))
         print(table(f"cross-entropy fwd+bwd, {dtype}", cross_entropy_rows(dtype, sizes["cross_entropy"])))
