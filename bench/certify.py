@@ -4,10 +4,18 @@ per batch). Same model, same N, eager and torch.compile'd, measured side by side
 
     python bench/certify.py                      # GPU: rRCM-B, N = 100,000, bf16 -> seconds per certified image
     python bench/certify.py --preset tiny        # what bench/README.md records for a 2-core CPU
+
+With --precisions it instead times certify.py's loop in fp32 and under bf16 autocast, side by side, for
+each of --presets (default tiny, S, B), naming the CPU: bf16 pays off only where the CPU computes it
+natively (AMX-BF16 or AVX512-BF16); elsewhere it is emulated.
+
+    python bench/certify.py --precisions --n 2000                   # the record (minutes for B on 2 cores)
+    python bench/certify.py --precisions --presets tiny --n 200 --no-compile --reps 1   # seconds: does it run
 """
 import argparse
 import contextlib
 import os
+import platform
 import sys
 import time
 
@@ -16,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
-from model import ViT, noisy_input, vit_config  # noqa: E402
+from model import ViT, autocast, native_bf16, noisy_input, vit_config  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -53,14 +61,46 @@ def timed(fn, reps: int) -> float:
     return (time.perf_counter() - start) / reps
 
 
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (lscpu's "Model name")."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def compare_precisions(args, device: torch.device) -> None:
+    """certify.py's loop in fp32 and under bf16 autocast for each preset: samples/s and their ratio."""
+    where = torch.cuda.get_device_name() if GPU else f"{cpu_name()}, {os.cpu_count()} cores"
+    print(f"{where}; native bf16: {'yes' if native_bf16(device) else 'no (emulated)'}; certify.py loop, "
+          f"{'compiled' if args.compile else 'eager'}, N = {args.n}, batch {args.batch}, torch {torch.__version__}")
+    print("| preset | fp32 samples/s | bf16 samples/s | bf16 / fp32 |\n|---|---|---|---|")
+    x = torch.rand(3, 32, 32, device=device)
+    for preset in args.presets.split(","):
+        model = ViT(vit_config(preset, "cifar10")).to(device).eval()
+        rates = {}
+        for precision in ("fp32", "bf16"):
+            loop = ours(model, x, args.n, args.batch, 0.25, model.cfg.num_classes, compiled=args.compile)
+            with autocast(device, precision):
+                rates[precision] = args.n / timed(loop, args.reps)
+        print(f"| {preset} | {rates['fp32']:,.0f} | {rates['bf16']:,.0f} | {rates['bf16'] / rates['fp32']:.2f}x |", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="B" if GPU else "tiny")
     p.add_argument("--n", type=int, default=100_000 if GPU else 2_000)
     p.add_argument("--batch", type=int, default=2_000 if GPU else 500)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--precisions", action="store_true", help="fp32 against bf16 autocast for each of --presets")
+    p.add_argument("--presets", default="tiny,S,B", help="with --precisions: comma-separated presets")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="with --precisions: torch.compile the loop")
     args = p.parse_args()
     device = torch.device("cuda" if GPU else "cpu")
+    if args.precisions:
+        compare_precisions(args, device)
+        return
     model = ViT(vit_config(args.preset, "cifar10")).to(device).eval()
     x = torch.rand(3, 32, 32, device=device)
     sigma, C = 0.25, model.cfg.num_classes
