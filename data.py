@@ -318,6 +318,15 @@ def _epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=generator(torch.device("cpu"), seed, "epoch", epoch))
 
 
+def local_shards(idx: torch.Tensor, rank: int, world: int, shards: int) -> list[tuple[int, torch.Tensor]]:
+    """This rank's part of the global batch as (global shard number, indices) pairs. All randomness of a step
+    (augmentations, noise) is drawn per shard from generator(seed, "step", step, shard): a run gives the
+    same result with any number of processes that divides its --shards (to float rounding), e.g. when an
+    8-GPU run is resumed on 4."""
+    per_rank = shards // world
+    return [(rank * per_rank + s, part) for s, part in enumerate(idx.chunk(per_rank))]
+
+
 def batch_indices(n: int, global_batch: int, step: int, seed: int, rank: int = 0, world: int = 1) -> torch.Tensor:
     """This rank's share of the global batch of `step`: epochs are fresh permutations (last partial
     batch dropped) and rank r takes the r-th slice, so the global batch does not depend on world size."""
@@ -465,19 +474,6 @@ def consistency_augment(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The consistency branch's input in the released dataset.py: the centre crop (Images.batch) with a
     random horizontal flip, nothing else, on CIFAR-10 and ImageNet alike."""
     return random_hflip(x, g)
-
-
-def weak_augment(x: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crop with `pad` pixels of zero padding, then a horizontal flip with probability 1/2.
-    Not in the released recipe (see consistency_augment, Images.finetune_batch); kept for old callers."""
-    B, C, H, W = x.shape
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g, device=g.device)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g, device=g.device)
-    rows = (dy[:, None] + torch.arange(H, device=x.device))[:, :, None]  # [B, H, 1]
-    cols = (dx[:, None] + torch.arange(W, device=x.device))[:, None, :]  # [B, 1, W]
-    crop = xp[torch.arange(B, device=x.device)[:, None, None], :, rows, cols]  # [B, H, W, C]
-    return random_hflip(crop.permute(0, 3, 1, 2), g)
 
 
 # ----------------------------------------------------------------------------------------------------

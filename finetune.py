@@ -1,83 +1,169 @@
-"""Stage 2: fine-tune the encoder and a linear head at one noise level sigma (paper Sec. 3.4, Eq. 12).
+"""Stage 2: fine-tune the encoder at one noise level sigma (paper Sec. 3.4, Eq. 12).
 
-Every image gets m = 2 noisy copies x + sigma * eps (pixel space; 2 sigma in model space, seen at time
-t = 2 sigma). The loss is the consistency regulariser of Jeong & Shin (2020):
+Every image gets m = 2 noisy copies x + sigma * eps (pixel space; 2 sigma in model space, read at the time
+t of the 81-point grid nearest 2 sigma, model.smoothing_time). The loss is the consistency regulariser of
+Jeong & Shin (2020):
     mean_i CE(f(x_i), y) + eta1 * mean_i KL(p_bar || p_i) + eta2 * H(p_bar),   p_bar = mean_i p_i
-AdamW with layer-wise lr decay, linear warm-up then cosine. Clean and noisy test accuracy every epoch.
+AdamW with layer-wise lr decay; the lr is scaled by batch / 256, warms up linearly, then follows a cosine,
+set once per epoch. Clean and noisy test accuracy every epoch.
+
+--dataset picks the released recipe (configs/cifar10_finetune.py, the ImageNet commands of the released
+README per sigma); every flag left unset takes its value, and the resolved configuration is printed.
+CIFAR-10: no augmentation, the classifier reads the raw class token. ImageNet: RandAugment, mixup/cutmix,
+label smoothing, the final LayerNorm on. As in the released code the linear head of a pre-trained encoder
+stays at its near-zero random init (--train-head trains it, as the paper's text says); from scratch
+(the baselines) it is trained.
 
     python finetune.py --init out/pretrain/ckpt.pt --sigma 0.25             # rRCM
     python finetune.py --init scratch --preset B --sigma 0.25 --eta1 0 --eta2 0   # Gaussian baseline (Cohen et al.)
     python finetune.py --init scratch --preset B --sigma 0.25               # Consistency baseline (Jeong & Shin)
     torchrun --standalone --nproc_per_node=8 -- finetune.py --init ... --sigma 0.5
+
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
 """
 import argparse
-import contextlib
 import math
 import os
 import sys
-import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import Images, batch_indices, generator, seeded_noise, init_distributed, run_log, weak_augment
-from model import (UsageError, ViT, check_finite, load_checkpoint, model_args, model_from_checkpoint, noisy_input,
-                   resume_checkpoint, save_checkpoint, vit_config)
+from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, init_distributed, local_shards, mixup_cutmix, run_log, seeded_noise
+from jobs import Progress, StopSignal, check_out_dir, close_processes
+from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_checkpoint, model_args,
+                   model_from_checkpoint, noisy_input, resolve_precision, resume_checkpoint, save_checkpoint,
+                   smoothing_time, to_model_space, vit_config)
 
-ETA1_BY_SIGMA = {0.25: 10.0, 0.5: 20.0, 1.0: 20.0}  # the authors' released settings
 COPIES = 2  # m noisy copies per image
+
+# The released recipes: the released README's command for each dataset and sigma, on top of
+# configs/cifar10_finetune.py and configs/imagenet_finetune.py.
+RECIPES = {
+    "cifar10": {sigma: dict(epochs=100, warmup_epochs=10, schedule_epochs=100, batch=1024, lr=2e-4,
+                            layer_decay=layer_decay, eta1=eta1, eta2=0.5, augment="weak", mixup=0.0, cutmix=0.0,
+                            label_smoothing=0.0)
+                for sigma, eta1, layer_decay in ((0.25, 10.0, 0.75), (0.5, 20.0, 0.75), (1.0, 20.0, 0.65))},
+    "imagenet": {sigma: dict(epochs=epochs, warmup_epochs=5, schedule_epochs=150, batch=batch, lr=lr, layer_decay=0.65,
+                             eta1=eta1, eta2=0.5, augment=augment, mixup=0.8, cutmix=1.0, label_smoothing=smoothing)
+                 for sigma, epochs, batch, lr, augment, smoothing, eta1 in (
+                     (0.25, 150, 1024, 2e-4, "autoaug", 0.1, 10.0),
+                     (0.5, 50, 2048, 2e-4, "strong", 0.0, 20.0),
+                     (1.0, 150, 256, 1e-4, "weak", 0.0, 20.0))},
+}
+
+
+def recipe(dataset: str, sigma: float) -> dict:
+    """The released recipe of the listed sigma nearest to `sigma`."""
+    listed = RECIPES[dataset]
+    return listed[min(listed, key=lambda s: abs(math.log(s / sigma)))]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="rRCM fine-tuning", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: sys.exit(f"finetune.py: error: {msg}")
+    unset = "unset: the recipe of --dataset at the nearest of sigma 0.25 / 0.5 / 1.0"
     g = p.add_argument_group("what to fine-tune")
     g.add_argument("--init", default="out/pretrain/ckpt.pt", help="pre-trained checkpoint, or 'scratch' for the baselines")
     g.add_argument("--preset", default=None, help="with --init scratch: tiny, S, B or B-Deep")
-    g.add_argument("--dataset", default="cifar10")
-    g.add_argument("--data-dir", default="data")
+    g.add_argument("--dataset", default="cifar10", choices=RECIPES, help="picks the recipe")
+    g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
+    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images (quick trials)")
     g.add_argument("--sigma", type=float, default=0.25, help="noise std in pixel space [0, 1]")
-    g = p.add_argument_group("loss, Eq. (12)")
-    g.add_argument("--eta1", type=float, default=None, help="KL weight; default 10 at sigma 0.25, else 20")
-    g.add_argument("--eta2", type=float, default=0.5, help="entropy weight")
-    g = p.add_argument_group("optimisation (paper defaults for CIFAR-10)")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--warmup-epochs", type=int, default=10)
-    g.add_argument("--batch", type=int, default=1024, help="global batch of images (each gets 2 noisy copies)")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay; default 0.65 at sigma 1.0, else 0.75")
+    g.add_argument("--train-head", action="store_true", help="train the linear head of a pre-trained encoder (paper "
+                   "text); the released code leaves it at its random init. Always trained with --init scratch")
+    g = p.add_argument_group(f"loss, Eq. (12) ({unset})")
+    g.add_argument("--eta1", type=float, default=None, help="KL weight: 10 at sigma 0.25, 20 at 0.5 and 1.0")
+    g.add_argument("--eta2", type=float, default=None, help="entropy weight: 0.5")
+    g.add_argument("--label-smoothing", type=float, default=None, help="cifar10 0; imagenet 0.1 / 0 / 0")
+    g = p.add_argument_group(f"optimisation ({unset})")
+    g.add_argument("--epochs", type=int, default=None, help="cifar10 100; imagenet 150 / 50 / 150")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="cifar10 10; imagenet 5")
+    g.add_argument("--schedule-epochs", type=int, default=None, help="where the cosine reaches 0: cifar10 100; "
+                   "imagenet 150 (so the 50-epoch sigma 0.5 run ends at 78%% of its peak lr, as released)")
+    g.add_argument("--batch", type=int, default=None, help="global batch of images (each gets 2 noisy copies): "
+                   "cifar10 1024; imagenet 1024 / 2048 / 256")
+    g.add_argument("--lr", type=float, default=None, help="base lr, before scaling by batch / 256: cifar10 2e-4; "
+                   "imagenet 2e-4 / 2e-4 / 1e-4")
+    g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True, help="peak lr = lr * batch / 256 (released scale_lr)")
+    g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay: cifar10 0.75 / 0.75 / 0.65; imagenet 0.65")
+    g = p.add_argument_group(f"augmentation ({unset})")
+    g.add_argument("--augment", default=None, choices=FINETUNE_AUGMENTS,
+                   help="released names (data.Images.finetune_batch): cifar10 weak (= none); imagenet autoaug "
+                        "(RandAugment rand-m9-mstd0.5-inc1) / strong / weak")
+    g.add_argument("--mixup", type=float, default=None, help="mixup Beta alpha (0: off): cifar10 0; imagenet 0.8")
+    g.add_argument("--cutmix", type=float, default=None, help="cutmix Beta alpha (0: off): cifar10 0; imagenet 1.0")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt (default out/finetune_sigma<sigma>)")
+    g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
     g.add_argument("--eval-images", type=int, default=10_000, help="test images for the per-epoch accuracies")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (also at each epoch end)")
-    g.add_argument("--resume", action="store_true")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend())
+    g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
+    g.add_argument("--shards", type=int, default=None, help="independent random streams per step (unset: the number "
+                   "of processes); runs with equal --shards agree whatever the number of processes dividing it")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
+    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (also at each epoch end and on SIGINT/SIGTERM)")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
+    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
     args = p.parse_args(argv)
-    if not args.sigma > 0:  # also rejects nan
-        p.error(f"--sigma must be > 0, got {args.sigma}")
+    if not (args.sigma > 0 and math.isfinite(args.sigma)):  # also rejects nan
+        p.error(f"--sigma must be > 0 and finite, got {args.sigma}")
+    for key, value in recipe(args.dataset, args.sigma).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.schedule_epochs = max(args.schedule_epochs, args.epochs) if args.schedule_epochs else args.epochs
     for name in ("epochs", "batch", "eval_images", "log_every", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.train_images is not None and args.train_images < 1:
+        p.error("--train-images must be >= 1")
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        p.error(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.layer_decay <= 1:
+        p.error(f"--layer-decay must be in (0, 1], got {args.layer_decay}")
+    for name in ("eta1", "eta2", "mixup", "cutmix", "warmup_epochs"):
+        if not getattr(args, name) >= 0:
+            p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 1:
+        p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
     if args.init == "scratch" and args.preset is None:
         p.error("--init scratch needs --preset")
     if args.init != "scratch" and args.preset is not None:
         p.error("--preset only goes with --init scratch (a checkpoint knows its own shape)")
-    args.eta1 = ETA1_BY_SIGMA.get(args.sigma, 20.0) if args.eta1 is None else args.eta1
-    args.layer_decay = (0.65 if args.sigma >= 1.0 else 0.75) if args.layer_decay is None else args.layer_decay
     args.out = args.out or f"out/finetune_sigma{args.sigma:g}"
+    args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
     return args
 
 
-def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: float) -> tuple[torch.Tensor, dict]:
-    """Eq. (12). logits: [m, B, C] for the m noisy copies of a batch with labels y [B]."""
+# ----------------------------------------------------------------------------------------------------
+# Loss, Eq. (12)
+
+def classification_loss(logits: torch.Tensor, y_a: torch.Tensor, smoothing: float = 0.0, y_b: torch.Tensor | None = None,
+                        lam: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy against the soft target lam * smooth(y_a) + (1 - lam) * smooth(y_b) (per row lam;
+    y_b only with mixup/cutmix), smooth(y) = (1 - s) onehot(y) + s / C: by linearity, hard-label CE terms
+    plus s times the mean of -log p over the classes, so the fused hard-label kernel still serves."""
+    ce = kernels.cross_entropy(logits, y_a).float()
+    if y_b is not None:
+        ce = lam * ce + (1 - lam) * kernels.cross_entropy(logits, y_b).float()
+    if smoothing:
+        uniform = -F.log_softmax(logits.float(), dim=-1).mean(-1)
+        ce = (1 - smoothing) * ce + smoothing * uniform
+    return ce.mean()
+
+
+def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: float, smoothing: float = 0.0,
+                  y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Eq. (12). logits: [m, B, C] for the m noisy copies of a batch with labels y [B] (mixed with y_b [B]
+    at per-image weight lam [B] by mixup/cutmix)."""
     m, B, C = logits.shape
-    ce = kernels.cross_entropy(logits.reshape(m * B, C), y.repeat(m)).float().mean()
+    if y_b is None:
+        ce = classification_loss(logits.reshape(m * B, C), y.repeat(m), smoothing)
+    else:
+        ce = classification_loss(logits.reshape(m * B, C), y.repeat(m), smoothing, y_b.repeat(m), lam.repeat(m))
     log_p = F.log_softmax(logits.float(), dim=-1)
     p_bar = log_p.exp().mean(0)
     # KL(p_bar || p_i) = sum_c p_bar (log p_bar - log p_i); xlogy makes 0 log 0 = 0 exactly.
@@ -85,6 +171,9 @@ def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: floa
     entropy = -torch.special.xlogy(p_bar, p_bar).sum(-1).mean()
     return ce + eta1 * kl + eta2 * entropy, dict(ce=ce, kl=kl, entropy=entropy)
 
+
+# ----------------------------------------------------------------------------------------------------
+# Optimiser
 
 def layer_id(name: str, depth: int) -> int:
     """0 for the embeddings, i + 1 for block i, depth + 1 for the final norm and the head."""
@@ -95,7 +184,7 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_groups(model: ViT, lr: float, decay: float) -> list[dict]:
+def layer_groups(model: ViT, decay: float) -> list[dict]:
     """Layer-wise lr decay: embeddings get lr * decay^(depth+1), block i lr * decay^(depth-i), head lr."""
     depth = model.cfg.depth
     groups: dict[int, list] = {}
@@ -105,25 +194,52 @@ def layer_groups(model: ViT, lr: float, decay: float) -> list[dict]:
     return [dict(params=ps, lr_scale=decay ** (depth + 1 - layer)) for layer, ps in sorted(groups.items())]
 
 
-def learning_rate(step: int, total: int, warmup: int, lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+def learning_rate(epoch: int, peak: float, warmup: int, schedule: int) -> float:
+    """lr of epoch e = 0, 1, ...: e / W * peak up to e = W, then a cosine reaching 0 at e = `schedule`
+    (released "warmup-cosine" stepped once per epoch, so the first epoch runs at lr 0 when W > 0)."""
+    if epoch <= warmup and warmup > 0:
+        return peak * epoch / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, schedule - warmup)))
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -> tuple:
+    """This rank's batch of step k: (x_t, t, y_a, y_b, lam) with the m noisy copies stacked, drawn shard by
+    shard (data.local_shards); y_b and lam (per image) are None without mixup/cutmix. Mixing comes before
+    the noise, so both copies share the mixed image (as released)."""
+    mixing = args.mixup > 0 or args.cutmix > 0
+    xs, ys_a, ys_b, lams, epss = [], [], [], [], []
+    for shard, idx in local_shards(batch_indices(len(train), args.batch, step, args.seed, rank, world), rank, world, args.shards):
+        g = generator(device, args.seed, "step", step, shard)
+        x, y = train.finetune_batch(idx, g, args.augment)
+        if mixing:
+            x, y, y_b, lam = mixup_cutmix(x, y, g, args.mixup, args.cutmix)
+            ys_b.append(y_b), lams.append(torch.full((len(y),), lam, device=device))
+        xs.append(x), ys_a.append(y)
+        epss.append(torch.randn((COPIES, *x.shape), generator=g, device=device))
+    x, eps = torch.cat(xs), torch.cat(epss, dim=1)
+    x_t, t = noisy_input(x.expand(COPIES, *x.shape), args.sigma, eps)
+    y_b, lam = (torch.cat(ys_b), torch.cat(lams)) if mixing else (None, None)
+    return x_t.flatten(0, 1), t, torch.cat(ys_a), y_b, lam
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int, rank: int, world: int, batch: int) -> tuple[float, float]:
-    """(clean, noisy) top-1 accuracy on the first `count` test images. Both are read at t = 2 sigma,
-    the only time the fine-tuned classifier is used at; noise is seeded per image index so every
-    epoch sees the same noise."""
+def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int, rank: int, world: int, batch: int,
+             mixed) -> tuple[float, float]:
+    """(clean, noisy) top-1 accuracy on the first `count` test images: clean read at t = sigma_min (the end
+    of the trajectory, as the released evaluation), noisy at the smoothing time of sigma. Noise is seeded
+    per image index, so every epoch sees the same noise."""
+    import torch.distributed as dist
     model.eval()
     correct = torch.zeros(2, device=test.labels.device)
     idx = torch.arange(rank, min(count, len(test)), world)
     for chunk in idx.split(batch):
         x, y = test.batch(chunk)
         eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "eval")
-        for row, noise in enumerate((torch.zeros_like(x), eps)):
-            correct[row] += (model(*noisy_input(x, sigma, noise)).argmax(1) == y).sum()
+        with mixed:
+            correct[0] += (model(to_model_space(x), SIGMA_MIN).argmax(1) == y).sum()
+            correct[1] += (model(*noisy_input(x, sigma, eps)).argmax(1) == y).sum()
     if world > 1:
         dist.all_reduce(correct)
     model.train()
@@ -131,34 +247,49 @@ def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int
     return (correct[0] / n).item(), (correct[1] / n).item()
 
 
-RUN_KEYS = ("init", "preset", "dataset", "sigma", "eta1", "eta2", "epochs", "warmup_epochs", "batch", "lr", "layer_decay", "seed")
+RUN_KEYS = ("init", "preset", "dataset", "data_dir", "train_images", "sigma", "train_head", "eta1", "eta2", "label_smoothing",
+            "epochs", "warmup_epochs", "schedule_epochs", "batch", "lr", "scale_lr", "layer_decay", "augment", "mixup",
+            "cutmix", "seed", "shards", "precision")
 
 
 def build_model(args) -> ViT:
     if args.init == "scratch":
         torch.manual_seed(args.seed)
-        return ViT(vit_config(args.preset, args.dataset))
-    ckpt = load_checkpoint(args.init, "pretrain")
-    if ckpt["config"]["dataset"] != args.dataset:
-        raise UsageError(f"{args.init} was pre-trained on {ckpt['config']['dataset']}, not --dataset {args.dataset}")
-    return model_from_checkpoint(ckpt)  # the online encoder (MoCo v3 fine-tunes the online one, too)
+        model = ViT(vit_config(args.preset, args.dataset))
+    else:
+        ckpt = load_checkpoint(args.init, "pretrain")
+        if ckpt["config"]["dataset"] != args.dataset:
+            raise UsageError(f"{args.init} was pre-trained on {ckpt['config']['dataset']}, not --dataset {args.dataset}")
+        model = model_from_checkpoint(ckpt)  # the online encoder (MoCo v3 fine-tunes the online one, too)
+    model.cfg.classifier_norm = args.dataset == "imagenet"  # released train.layernorm
+    model.norm.requires_grad_(model.cfg.classifier_norm)  # unused without it
+    model.projector.requires_grad_(False)  # pre-training's; unused here
+    model.head.requires_grad_(args.train_head or args.init == "scratch")
+    return model
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    kernels.use(args.kernels)
+    try:
+        kernels.use(args.kernels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     rank, world, device = init_distributed()
     master = rank == 0
-    if args.batch % world:
-        raise UsageError(f"--batch {args.batch} is not divisible by the {world} processes")
-    train, test = Images(args.dataset, args.data_dir, "train", device), Images(args.dataset, args.data_dir, "test", device)
+    args.precision = resolve_precision(args.precision, device)
+    args.shards = args.shards or world
+    if args.shards % world or args.batch % args.shards:
+        raise UsageError(f"--shards {args.shards} must be a multiple of the {world} process(es) and divide --batch {args.batch}")
     model = build_model(args).to(device)
-    model.projector.requires_grad_(False)  # pre-training's; unused here
-    opt = torch.optim.AdamW(layer_groups(model, args.lr, args.layer_decay), lr=args.lr, weight_decay=0.0)
+    train = Images(args.dataset, args.data_dir, "train", device, limit=args.train_images)
+    test = Images(args.dataset, args.data_dir, "test", device)
     steps_per_epoch = len(train) // args.batch
     if steps_per_epoch == 0:
         raise UsageError(f"--batch {args.batch} is larger than the training set ({len(train)} images)")
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    check_out_dir(args.out)
+    peak_lr = args.lr * args.batch / 256 if args.scale_lr else args.lr
+    opt = torch.optim.AdamW(layer_groups(model, args.layer_decay), lr=peak_lr, weight_decay=0.0)
+    total = args.epochs * steps_per_epoch
 
     step = 0
     ckpt = resume_checkpoint(args.out, "finetune", args.resume, vars(args), RUN_KEYS)
@@ -168,50 +299,53 @@ def main(argv=None) -> None:
         step = ckpt["step"]
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
     net = torch.compile(net) if args.compile else net
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    mixed = autocast(device, args.precision)
     say = run_log(args.out, master)
-    say(f"{model.num_params() / 1e6:.2f}M parameters, {world} process(es), {total} steps, config: {vars(args)}")
+    say(f"finetune.py | {model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type} | "
+        f"precision {args.precision} | kernels {kernels.backend()} | {total} steps | peak lr {peak_lr:.3g} | "
+        f"t = {smoothing_time(args.sigma):.4f} | config: {vars(args)}")
+    if step:
+        say(f"resuming {args.out}/ckpt.pt at step {step}")
+    path = os.path.join(args.out, "ckpt.pt")
 
     def checkpoint(next_step: int) -> None:
         if master:
-            save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
+            save_checkpoint(path, dict(
                 kind="finetune", model_args=model_args(model), model=model.state_dict(), optimizer=opt.state_dict(),
                 step=next_step, config=vars(args)))
 
-    t_last, last_logged = time.time(), step
+    stop = StopSignal()
+    progress = Progress(step, total, args.batch)
     while step < total:
-        g = generator(device, args.seed, "step", step, rank)
-        x, y = train.batch(batch_indices(len(train), args.batch, step, args.seed, rank, world))
-        x = weak_augment(x, g)
-        eps = torch.randn((COPIES, *x.shape), generator=g, device=device)
-        x_t, t = noisy_input(x.expand(COPIES, *x.shape), args.sigma, eps)
+        x_t, t, y_a, y_b, lam = step_inputs(train, step, args, rank, world, device)
+        lr = learning_rate(step // steps_per_epoch, peak_lr, args.warmup_epochs, args.schedule_epochs)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, total, warmup, args.lr) * group["lr_scale"]
-        with autocast:
-            logits = net(x_t.reshape(-1, *x.shape[1:]), t).reshape(COPIES, x.shape[0], -1)
-            loss, parts = finetune_loss(logits, y, args.eta1, args.eta2)
-        check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step)
+            group["lr"] = lr * group["lr_scale"]
+        with mixed:
+            logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
+            loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
+        check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step, say)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
 
-        if step % args.log_every == 0 or step == total:
+        if step % args.log_every == 0 or step == total or step == progress.first + 1:
             metrics = torch.stack([loss.detach(), parts["ce"], parts["kl"], parts["entropy"]]).float()
             if world > 1:
-                dist.all_reduce(metrics)
+                torch.distributed.all_reduce(metrics)
                 metrics /= world
-            rate = (step - last_logged) * args.batch / (time.time() - t_last)
             say(f"step {step}/{total} | loss {metrics[0]:.4f} | ce {metrics[1]:.4f} | kl {metrics[2]:.4f} | "
-                f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {rate:.1f} img/s")
-            t_last, last_logged = time.time(), step
+                f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {progress.line(step)}")
         if step % steps_per_epoch == 0:
-            clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch)
+            clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch, mixed)
             say(f"epoch {step // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")
         if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
             checkpoint(step)
-    if world > 1:
-        dist.destroy_process_group()
+        elif stop.requested(device):
+            checkpoint(step)
+            stop.exit("finetune.py", step, path)
+    close_processes()
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class ViTConfig:
     # The classifier reads the class token through the final LayerNorm on ImageNet but raw on CIFAR-10
     # (released code: train.layernorm). Pre-training always uses the normalised token.
     classifier_norm: bool = True
+    # ImageNet: MoCo-v3 initialisation of the blocks and patch embedding; CIFAR-10: PyTorch's defaults
+    # (released configs: moco_initialization).
+    moco_init: bool = False
 
 
 # Paper Table 3 (projector hidden / output dims in the last two values). `tiny` is ours, for CPU and tests.
@@ -113,8 +116,8 @@ PRESETS = {
     "B": dict(width=768, depth=12, heads=12, proj_hidden=2048, proj_dim=256),
     "B-Deep": dict(width=768, depth=24, heads=24, proj_hidden=4096, proj_dim=256),
 }
-DATASETS = {"cifar10": dict(img_size=32, patch_size=4, num_classes=10),
-            "imagenet": dict(img_size=224, patch_size=16, num_classes=1000)}
+DATASETS = {"cifar10": dict(img_size=32, patch_size=4, num_classes=10, moco_init=False),
+            "imagenet": dict(img_size=224, patch_size=16, num_classes=1000, moco_init=True)}
 
 
 def vit_config(preset: str, dataset: str) -> ViTConfig:
@@ -122,7 +125,10 @@ def vit_config(preset: str, dataset: str) -> ViTConfig:
         raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     if dataset not in DATASETS:
         raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return ViTConfig(**PRESETS[preset], **DATASETS[dataset])
+    cfg = ViTConfig(**PRESETS[preset], **DATASETS[dataset])
+    if (preset, dataset) == ("B", "imagenet"):
+        cfg.proj_hidden = 4096  # configs/imagenet_pretrain_rcmb.py widens the projector of ImageNet rRCM-B
+    return cfg
 
 
 class Attention(nn.Module):
@@ -156,6 +162,25 @@ def projector_mlp(width: int, hidden: int, out: int) -> nn.Sequential:
                          nn.Linear(hidden, out, bias=False))
 
 
+class AllReduceSum(torch.autograd.Function):
+    """Sum over processes whose gradient is again the sum over processes: every rank's loss depends on every
+    rank's rows through the shared statistics."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm over the global batch of all processes (what SyncBatchNorm gives the authors' GPU runs),
     written with one differentiable all-reduce so it also runs on CPU/gloo: a K-process step then computes
@@ -163,11 +188,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
-        import torch.distributed.nn.functional as dist_fn
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
-        total = dist_fn.all_reduce(local)  # gradients flow back to every rank's rows
+        total = AllReduceSum.apply(local)
         C = x.shape[1]
         count = total[-1]
         mean = total[:C] / count
@@ -206,14 +230,27 @@ class ViT(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.num_classes)                          # fine-tuning only
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.normal_(self.cls_token, std=1e-6)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        if cfg.moco_init:
+            self.moco_v3_init()
         # A near-zero head (released code, MAE-style): with the head frozen it is a fixed random projection
         # that the encoder learns to serve.
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+
+    def moco_v3_init(self) -> None:
+        """MoCo v3's ViT initialisation: xavier-uniform Linears in the blocks with q, k and v each treated
+        as its own matrix, zero biases, and a xavier-uniform patch embedding (the projector keeps PyTorch's)."""
+        for name, m in self.blocks.named_modules():
+            if isinstance(m, nn.Linear):
+                fan_out = m.weight.shape[0] // 3 if name.endswith("qkv") else m.weight.shape[0]
+                bound = math.sqrt(6.0 / (fan_out + m.weight.shape[1]))
+                nn.init.uniform_(m.weight, -bound, bound)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        conv = self.patch_embed
+        bound = math.sqrt(6.0 / (conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + conv.out_channels))
+        nn.init.uniform_(conv.weight, -bound, bound)
+        nn.init.zeros_(conv.bias)
 
     def features(self, x_t: torch.Tensor, t, norm: bool = True) -> torch.Tensor:
         """h(x_t, t): the class token [B, width] of a model-space input x_t at time t, through the final
@@ -232,6 +269,16 @@ class ViT(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameters of the encoder (what is fine-tuned and certified), the pre-training projector and the head."""
+        parts = {"projector": self.projector, "head": self.head}
+        counts = {k: sum(p.numel() for p in m.parameters()) for k, m in parts.items()}
+        return {"encoder": self.num_params() - sum(counts.values()), **counts}
+
+    def describe(self) -> str:
+        c = self.param_counts()
+        return ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in c.items()) + " parameters"
 
     def flops_per_image(self) -> float:
         """Forward matmul FLOPs of the encoder for one image (qkv, proj, MLP: 24 L W^2; attention 4 L^2 W)."""

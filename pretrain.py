@@ -5,67 +5,114 @@ Each step, for a batch of images x:
       x_{t_{n+1}} = x + t_{n+1} eps share eps, so they are adjacent points of one PF-ODE trajectory.
       InfoNCE pulls h(x_{t_n}, t_n) towards stop-grad h(x_{t_{n+1}}, t_{n+1}) of the *same* online model
       (EMA rate 0), with the other images of the (global) batch as negatives.
-  contrastive loss: symmetric MoCo-v3 InfoNCE between the projector outputs of two augmented views at
-      t = sigma_min, keys from a target copy whose EMA rate rises 0.99 -> 0.9999 (App. C, Eq. 13-15).
-The two are summed with equal weight (as in the authors' code). The discretisation N grows 20 -> 40 -> 80
-(improved consistency training's doubling curriculum).
+  contrastive loss: MoCo-v3 InfoNCE between the projector outputs of two augmented views at t = sigma_min,
+      keys from a target copy whose EMA rate rises 0.99 -> 0.9999 (App. C, Eq. 13-15).
+The loss is consistency + both contrastive directions summed (2 : 1, the released code; the paper's
+Algorithm 1 uses one direction, 1 : 1: --one-direction). The discretisation N grows 20 -> 40 -> 80
+(improved consistency training's doubling curriculum). The lr warms up linearly, then decays with a cosine
+to 0 at the last step (released code; its config comment says "no cosine annealing").
+
+--dataset picks the recipe of the released configs (CIFAR-10 rRCM-B, ImageNet rRCM-B/S); every flag left
+unset takes that recipe's value, and the resolved configuration is printed at start.
 
     python pretrain.py --dataset cifar10 --data-dir data --preset B          # one GPU
     torchrun --standalone --nproc_per_node=8 -- pretrain.py --preset B         # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -- pretrain.py --preset B  # two nodes (node_rank=1 on the other)
     python pretrain.py ... --resume                                          # continue out/pretrain/ckpt.pt
+    python pretrain.py --dataset imagenet --data-dir IMAGENET --preset B       # ImageNet recipe
+
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
 """
 import argparse
-import contextlib
 import math
 import os
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import Images, batch_indices, gather_rows, generator, init_distributed, moco_views, run_log, weak_augment
-from model import (SIGMA_MIN, UsageError, ViT, check_finite, edm_sigmas, model_args, resume_checkpoint, save_checkpoint,
-                   to_model_space, vit_config)
+from data import Images, batch_indices, gather_rows, generator, init_distributed, local_shards, run_log
+from jobs import Progress, StopSignal, check_out_dir, clock, close_processes
+from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
+                   resolve_precision, resume_checkpoint, save_checkpoint, to_model_space, vit_config)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 FORWARDS_PER_IMAGE = 12  # online: 3 passes x (fwd + 2 bwd) = 9; no-grad: consistency key + 2 target views = 3
+
+
+# The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B, B-Deep)
+# and imagenet_pretrain_rcms.py (S, and tiny). ImageNet keeps the patch embedding at its random init
+# (stop_grad_conv1, MoCo v3's trick for stable ViT training).
+RECIPES = {
+    "cifar10": dict(steps=300_000, batch=2048, lr=1e-4, weight_decay=0.0, warmup=10_000, ema_sharpness=15.0,
+                    freeze_patch_embed=False),
+    "imagenet": dict(steps=600_000, batch=4096, lr=2e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
+                     freeze_patch_embed=True),
+    "imagenet-S": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.01, warmup=10_000, ema_sharpness=10.0,
+                       freeze_patch_embed=True),
+}
+
+
+def recipe_name(dataset: str, preset: str) -> str:
+    return "imagenet-S" if dataset == "imagenet" and preset in ("S", "tiny") else dataset
+
+
+def recipe_help(key: str) -> str:
+    return ", ".join(f"{d} {r[key]:g}" for d, r in RECIPES.items())
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="rRCM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: sys.exit(f"pretrain.py: error: {msg}")  # one line, exit code 1
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="cifar10", help="cifar10 or imagenet")
+    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "imagenet"), help="picks the recipe below")
     g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
+    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images (quick trials)")
     g.add_argument("--preset", default="B", help="tiny, S, B or B-Deep (paper Table 3)")
-    g = p.add_argument_group("optimisation (paper defaults for CIFAR-10)")
-    g.add_argument("--steps", type=int, default=300_000)
-    g.add_argument("--batch", type=int, default=2048, help="global batch, split across ranks")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW, weight decay 0")
-    g.add_argument("--warmup", type=int, default=10_000, help="linear warm-up steps, then constant lr")
+    g = p.add_argument_group("optimisation (unset: the --dataset recipe's value)")
+    g.add_argument("--steps", type=int, default=None, help=recipe_help("steps"))
+    g.add_argument("--batch", type=int, default=None, help="global batch, split across ranks: " + recipe_help("batch"))
+    g.add_argument("--lr", type=float, default=None, help="AdamW peak lr: " + recipe_help("lr"))
+    g.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then cosine to 0: " + recipe_help("warmup"))
     g.add_argument("--grad-clip", type=float, default=2.0, help="max grad norm, applied after warm-up")
     g = p.add_argument_group("rRCM")
     g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature of both losses")
+    g.add_argument("--ema-sharpness", type=float, default=None, help="A of the target EMA sigmoid: " + recipe_help("ema_sharpness"))
+    g.add_argument("--one-direction", action="store_true",
+                   help="the paper's Algorithm 1: one contrastive direction, 1 : 1 with consistency (default: the "
+                        "released code's two directions summed, 2 : 1)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--log-every", type=int, default=50)
-    g.add_argument("--save-every", type=int, default=5000)
+    g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
+    g.add_argument("--shards", type=int, default=None, help="independent random streams per step (unset: the number "
+                   "of processes); runs with equal --shards agree whatever the number of processes dividing it")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
+    g.add_argument("--save-every", type=int, default=5000, help="steps between checkpoints (also the last, and on SIGINT/SIGTERM)")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend())
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the step")
+    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
     args = p.parse_args(argv)
+    for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
     for name in ("steps", "batch", "log_every", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not (args.lr > 0 and args.tau > 0 and args.grad_clip > 0 and args.warmup >= 0):
-        p.error("--lr, --tau and --grad-clip must be > 0 and --warmup >= 0")
+    if args.train_images is not None and args.train_images < 1:
+        p.error("--train-images must be >= 1")
+    for name in ("lr", "tau", "grad_clip", "ema_sharpness"):
+        if not getattr(args, name) > 0:  # also rejects nan
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if not (args.weight_decay >= 0 and args.warmup >= 0):
+        p.error("--weight-decay and --warmup must be >= 0")
+    args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
     return args
 
 
@@ -79,15 +126,20 @@ def num_scales(step: int, total_steps: int, start: int = 20, end: int = 80) -> i
     return min(start * 2 ** math.ceil(step / k_prime), end) + 1
 
 
-def ema_rate(step: int, total_steps: int, start: float = 0.99, end: float = 0.9999, A: float = 15.0) -> float:
+def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: float = 0.9999) -> float:
     """Target EMA rate, App. C Eq. (13)-(15): a square-root ramp pushed through a sigmoid of sharpness A."""
     ramp = math.sqrt(step / total_steps * (end**2 - start**2) + start**2) if step < total_steps else end
     c = 2 / (1 + math.exp(-A * (ramp - start) / (end - start))) - 1
     return c * end + (1 - c) * start
 
 
-def learning_rate(step: int, lr: float, warmup: int) -> float:
-    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
+def learning_rate(step: int, total_steps: int, lr: float, warmup: int) -> float:
+    """lr of optimizer step k = 0, 1, ...: linear warm-up k / W up to k = W, then 0.5 (1 + cos(pi (k - W) /
+    (K - W))) down to 0 at k = K (released rrcm/utils.py "warmup-cosine" under LambdaLR, which gives the
+    very first step lr 0)."""
+    if step <= warmup:
+        return lr * step / warmup if warmup > 0 else lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -109,24 +161,28 @@ def project(model: ViT, v1, v2, eps) -> tuple[torch.Tensor, torch.Tensor]:
     return F.normalize(model.projector(h1), dim=1), F.normalize(model.projector(h2), dim=1)
 
 
-def contrastive_loss(q1, q2, k1, k2, tau: float) -> torch.Tensor:
-    """Symmetric MoCo-v3 InfoNCE: view 1's query against view 2's target key and vice versa."""
+def contrastive_loss(q1, q2, k1, k2, tau: float, one_direction: bool = False) -> torch.Tensor:
+    """MoCo-v3 InfoNCE: view 1's query against view 2's target key, plus (released code) view 2's query
+    against view 1's key, summed; the paper's Algorithm 1 keeps only the first direction."""
     keys2, offset = gather_rows(k2)
+    loss = kernels.info_nce(q1, keys2, tau, offset).mean()
+    if one_direction:
+        return loss
     keys1, _ = gather_rows(k1)
-    return 0.5 * (kernels.info_nce(q1, keys2, tau, offset).mean() + kernels.info_nce(q2, keys1, tau, offset).mean())
+    return loss + kernels.info_nce(q2, keys1, tau, offset).mean()
 
 
 class Objective(nn.Module):
     """Every online pass of a step in one forward, so DDP sees them all (and syncs gradients once)."""
 
-    def __init__(self, model: ViT, tau: float):
+    def __init__(self, model: ViT, tau: float, one_direction: bool):
         super().__init__()
-        self.model, self.tau = model, tau
+        self.model, self.tau, self.one_direction = model, tau, one_direction
 
     def forward(self, x0, v1, v2, eps, t_n: torch.Tensor, t_next: torch.Tensor, k1, k2):
         q1, q2 = project(self.model, v1, v2, eps)
         return (consistency_loss(self.model, x0, eps, t_n, t_next, self.tau),
-                contrastive_loss(q1, q2, k1, k2, self.tau))
+                contrastive_loss(q1, q2, k1, k2, self.tau, self.one_direction))
 
 
 @torch.no_grad()
@@ -139,24 +195,60 @@ def update_target(target: ViT, model: ViT, rate: float) -> None:
 
 # ----------------------------------------------------------------------------------------------------
 
-RUN_KEYS = ("dataset", "preset", "steps", "batch", "lr", "warmup", "grad_clip", "tau", "seed")
+RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
+            "grad_clip", "tau", "ema_sharpness", "one_direction", "seed", "shards", "precision")
+
+
+def step_inputs(data: Images, step: int, args, rank: int, world: int, device) -> tuple[torch.Tensor, ...]:
+    """This rank's (x0, v1, v2, eps) of step k in model space, drawn shard by shard (data.local_shards).
+    eps is shared by both trajectory points (Eq. 11) and, at t = sigma_min, by both views."""
+    parts = []
+    for shard, idx in local_shards(batch_indices(len(data), args.batch, step, args.seed, rank, world), rank, world, args.shards):
+        g = generator(device, args.seed, "step", step, shard)
+        x0, v1, v2 = (to_model_space(v) for v in data.pretrain_views(idx, g))
+        parts.append((x0, v1, v2, torch.randn(x0.shape, generator=g, device=device)))
+    return tuple(torch.cat(p) for p in zip(*parts))
+
+
+def estimate_step_seconds(model: ViT, x: torch.Tensor, local_batch: int, autocast) -> float:
+    """A first guess of one training step's time from a timed forward of 4 images, so a slow run (preset B
+    on a CPU) says how long it will take before its first step ends."""
+    x = x[:4]
+    with torch.no_grad(), autocast:
+        model.features(x, SIGMA_MIN)  # warm-up call
+        start = time.time()
+        model.features(x, SIGMA_MIN)
+    return (time.time() - start) / len(x) * local_batch * FORWARDS_PER_IMAGE
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    kernels.use(args.kernels)
+    try:
+        kernels.use(args.kernels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     rank, world, device = init_distributed()
     master = rank == 0
-    if args.batch % world:
-        raise UsageError(f"--batch {args.batch} is not divisible by the {world} processes")
-    data = Images(args.dataset, args.data_dir, "train", device)
+    args.precision = resolve_precision(args.precision, device)
+    cfg = vit_config(args.preset, args.dataset)
+    args.shards = args.shards or world
+    if args.shards % world or args.batch % args.shards:
+        raise UsageError(f"--shards {args.shards} must be a multiple of the {world} process(es) and divide --batch {args.batch}")
+    data = Images(args.dataset, args.data_dir, "train", device, limit=args.train_images)
+    if args.batch > len(data):
+        raise UsageError(f"--batch {args.batch} is larger than the training set ({len(data)} images)")
+    check_out_dir(args.out)
 
     torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = ViT(vit_config(args.preset, args.dataset)).to(device)
+    model = ViT(cfg).to(device)
     model.head.requires_grad_(False)  # the classification head is fine-tuning's
+    if args.freeze_patch_embed:
+        model.patch_embed.requires_grad_(False)
     target = ViT(model.cfg).to(device).requires_grad_(False)
     target.load_state_dict(model.state_dict())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    if world > 1:  # the projector's BatchNorm sees the global batch, as in the authors' (SyncBatchNorm) runs;
+        global_batchnorm(model), global_batchnorm(target)  # before the optimizer takes the parameters
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     step = 0
     ckpt = resume_checkpoint(args.out, "pretrain", args.resume, vars(args), RUN_KEYS)
     if ckpt:
@@ -165,74 +257,72 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
 
-    if world > 1 and device.type == "cuda":
-        # The projector's BatchNorm should see the global batch, as in the authors' runs. (SyncBatchNorm is
-        # GPU-only; CPU/gloo runs, which exist for testing, keep per-rank statistics.)
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        target = nn.SyncBatchNorm.convert_sync_batchnorm(target)
-    objective = Objective(model, args.tau)
+    objective = Objective(model, args.tau, args.one_direction)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         objective, target_fwd = torch.compile(objective), torch.compile(project)
     else:
         target_fwd = project
-    autocast = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    mixed = autocast(device, args.precision)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     say = run_log(args.out, master)
-    say(f"{model.num_params() / 1e6:.2f}M parameters, {world} process(es), config: {vars(args)}")
+    say(f"pretrain.py | {model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type} | "
+        f"precision {args.precision} | kernels {kernels.backend()} | config: {vars(args)}")
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
+    if device.type == "cpu":
+        x, _ = data.batch(torch.arange(4))
+        per_step = estimate_step_seconds(model, to_model_space(x), args.batch // world, mixed)
+        say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
+            f"for the {args.steps - step} steps to go")
+    path = os.path.join(args.out, "ckpt.pt")
 
     def checkpoint(next_step: int) -> None:
         if master:
-            save_checkpoint(os.path.join(args.out, "ckpt.pt"), dict(
+            save_checkpoint(path, dict(
                 kind="pretrain", model_args=model_args(model), model=model.state_dict(), target=target.state_dict(),
                 optimizer=opt.state_dict(), step=next_step, config=vars(args)))
 
-    t_last, last_logged = time.time(), step
+    stop = StopSignal()
+    progress = Progress(step, args.steps, args.batch)
     while step < args.steps:
         N = num_scales(step, args.steps)
         sigmas = edm_sigmas(N).tolist()
         n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
-        g = generator(device, args.seed, "step", step, rank)  # this rank's augmentations and noise
-        x, _ = data.batch(batch_indices(len(data), args.batch, step, args.seed, rank, world))
-        x0 = to_model_space(weak_augment(x, g))
-        v1, v2 = (to_model_space(v) for v in moco_views(x, g))
-        eps = torch.randn(x0.shape, generator=g, device=device)  # shared by both trajectory points (Eq. 11)
+        x0, v1, v2, eps = step_inputs(data, step, args, rank, world, device)
         for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.lr, args.warmup)
-        with autocast:
+            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+        with mixed:
             with torch.no_grad():
                 k1, k2 = target_fwd(target, v1, v2, eps)
             # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
             t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
             loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, k1, k2)
             loss = loss_cons + loss_ctr
-        check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
+        check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = args.grad_clip if step >= args.warmup else float("inf")
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         opt.step()
-        rate = ema_rate(step, args.steps)
+        rate = ema_rate(step, args.steps, args.ema_sharpness)
         update_target(target, model, rate)
         step += 1
 
-        if master and (step % args.log_every == 0 or step == args.steps):
-            dt = time.time() - t_last
-            images_per_s = (step - last_logged) * args.batch / dt
-            line = (f"step {step} | consistency {loss_cons.item():.4f} | contrastive {loss_ctr.item():.4f} | "
+        if master and (step % args.log_every == 0 or step == args.steps or step == progress.first + 1):
+            line = (f"step {step}/{args.steps} | consistency {loss_cons.item():.4f} | contrastive {loss_ctr.item():.4f} | "
                     f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
-                    f"{images_per_s:.1f} img/s")
+                    f"{progress.line(step)}")
             if peak:
-                line += f" | mfu {images_per_s * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
+                line += f" | mfu {progress.images_per_second() * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
             say(line)
-            t_last, last_logged = time.time(), step
         if step % args.save_every == 0 or step == args.steps:
             checkpoint(step)
-    if world > 1:
-        dist.destroy_process_group()
+        elif stop.requested(device):
+            checkpoint(step)
+            stop.exit("pretrain.py", step, path)
+    close_processes()
 
 
 if __name__ == "__main__":

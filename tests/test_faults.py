@@ -1,32 +1,101 @@
-"""torchrun on CPU (gloo, 2 processes), resuming after a kill, non-finite losses, and wrong use."""
+"""torchrun on CPU (gloo, 2 processes), stopping on SIGINT/SIGTERM and resuming, non-finite losses, and wrong use."""
+import glob
+import os
+import signal
 import subprocess
 import sys
 
 import pytest
 import torch
-from scipy.stats import norm
 
-import certify
 import finetune
 import pretrain
 from conftest import FAST, ROOT, finetune_args
 from model import load_checkpoint, save_checkpoint
 
-def torchrun(*argv):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--", *argv, *FAST]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+def torchrun(*argv, log_dir=None):
+    """Two gloo processes. Each rank's own output goes to <log_dir>/.../rank_*/std{out,err}.log, so a failing
+    rank's error can be shown whole (the launcher's summary cuts it); see `rank_errors`."""
+    log_dir = log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"torchrun-{os.getpid()}")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(log_dir),
+           "--redirects", "2", "--tee", "1", "--", *argv, *FAST]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result.log_dir = str(log_dir)
+    return result
 
 
-def test_two_process_pretrain_and_finetune(cifar_dir, tmp_path):
-    result = torchrun("pretrain.py", "--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--preset", "tiny",
-                      "--steps", "2", "--batch", "20", "--warmup", "1", "--log-every", "1")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("step 2 |") == 1  # only rank 0 logs
-    assert load_checkpoint(str(tmp_path / "pre" / "ckpt.pt"), "pretrain")["step"] == 2
-    result = torchrun("finetune.py", "--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir,
-                      "--out", str(tmp_path / "ft"), "--epochs", "1", "--warmup-epochs", "0", "--batch", "20")
-    assert result.returncode == 0, result.stderr[-2000:]
+def rank_errors(result) -> str:
+    """What each rank wrote to stderr, for an assertion message."""
+    parts = [result.stderr[-1500:]]
+    for path in sorted(glob.glob(os.path.join(result.log_dir, "**", "stderr.log"), recursive=True)):
+        parts.append(f"--- {path}\n" + open(path, errors="replace").read()[-3000:])
+    return "\n".join(parts)
+
+
+def same_weights(a: dict, b: dict, atol: float = 0.0) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=atol) for k in a)
+
+
+def test_two_processes_train_like_one(cifar_dir, tmp_path):
+    """Gradients averaged over ranks, InfoNCE negatives gathered from both, the projector's BatchNorm over the
+    global batch: a 2-process run equals a 1-process run with the same --shards (to float rounding)."""
+    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "2", "--batch", "20", "--warmup", "1", "--log-every", "1"]
+    result = torchrun("pretrain.py", *pre, "--out", str(tmp_path / "pre2"), log_dir=tmp_path / "logs1")
+    assert result.returncode == 0, rank_errors(result)
+    assert result.stdout.count("step 2/2 |") == 1  # only rank 0 logs
+    pretrain.main([*pre, "--out", str(tmp_path / "pre1"), "--shards", "2", *FAST])
+    two, one = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "pretrain") for d in ("pre2", "pre1"))
+    assert two["step"] == 2 and two["config"]["shards"] == 2
+    assert same_weights(two["model"], one["model"], atol=1e-5) and same_weights(two["target"], one["target"], atol=1e-5)
+    assert not same_weights(two["model"], load_checkpoint(str(tmp_path / "pre1" / "ckpt.pt"), "pretrain")["target"], 1e-5)
+
+    ft = ["--init", str(tmp_path / "pre1" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
+          "--batch", "20"]
+    result = torchrun("finetune.py", *ft, "--out", str(tmp_path / "ft2"), log_dir=tmp_path / "logs2")
+    assert result.returncode == 0, rank_errors(result)
     assert result.stdout.count("epoch 1 | clean acc") == 1
+    finetune.main([*ft, "--out", str(tmp_path / "ft1"), "--shards", "2", *FAST])
+    two, one = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "finetune")["model"] for d in ("ft2", "ft1"))
+    start = load_checkpoint(str(tmp_path / "pre1" / "ckpt.pt"), "pretrain")["model"]
+    assert same_weights(two, one, atol=1e-5) and not same_weights(two, start, atol=1e-5)
+
+
+def stop_mid_run(argv, signum, after_line: str):
+    """Start a script, send `signum` once it prints `after_line`, return (exit code, stdout, stderr)."""
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if after_line in line:
+            proc.send_signal(signum)
+            break
+    rest, err = proc.communicate(timeout=300)
+    return proc.returncode, "".join(out) + rest, err
+
+
+@pytest.mark.parametrize("script, signum", [("pretrain.py", signal.SIGINT), ("finetune.py", signal.SIGTERM)])
+def test_a_signal_saves_a_checkpoint_and_resume_is_bit_identical(script, signum, cifar_dir, tmp_path):
+    if script == "pretrain.py":
+        argv = ["pretrain.py", "--data-dir", cifar_dir, "--preset", "tiny", "--steps", "5", "--batch", "20", "--warmup", "1",
+                "--log-every", "1", *FAST]
+        kind, first_line = "pretrain", "step 1/5"
+    else:
+        argv = ["finetune.py", "--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--epochs", "2",
+                "--warmup-epochs", "0", "--batch", "20", "--log-every", "1", *FAST]
+        kind, first_line = "finetune", "step 1/6"
+    code, out, err = stop_mid_run([*argv, "--out", str(tmp_path / "cut")], signum, first_line)
+    name = signal.Signals(signum).name
+    lines = err.strip().splitlines()
+    assert code == 128 + signum and len(lines) == 1 and f"stopped by {name} after step" in lines[0], err
+    stopped = load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"), kind)
+    assert 1 <= stopped["step"] < (5 if kind == "pretrain" else 6)
+    assert f"after step {stopped['step']};" in lines[0]
+    resumed = subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "cut"), "--resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"resuming {tmp_path / 'cut'}/ckpt.pt at step {stopped['step']}" in resumed.stdout
+    subprocess.run([sys.executable, *argv, "--out", str(tmp_path / "full")], cwd=ROOT, check=True, capture_output=True, timeout=300)
+    full, cut = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), kind) for d in ("full", "cut"))
+    assert full["step"] == cut["step"] and same_weights(full["model"], cut["model"])
 
 
 def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(cifar_dir, tmp_path, monkeypatch):
@@ -42,6 +111,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(cifar_dir, tmp_path,
             "--warmup", "1", "--save-every", "1", *FAST]
     with pytest.raises(SystemExit, match="consistency loss is nan at step 2"):
         pretrain.main(argv)
+    assert "error: consistency loss is nan at step 2" in (tmp_path / "log.txt").read_text()
     ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"), "pretrain")
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
@@ -90,11 +160,70 @@ def test_checkpoint_of_another_dataset_is_refused(cifar_dir, tmp_path):
     assert result.returncode != 0 and len(lines) == 1 and "pre-trained on imagenet, not --dataset cifar10" in lines[0]
 
 
-@pytest.mark.parametrize("argv", [["pretrain.py", "--batch", "0"], ["certify.py", "--batch", "0"], ["certify.py", "--batch", "150"],
-                                  ["pretrain.py", "--steps", "-3"], ["certify.py", "--alpha", "0"]])
-def test_more_bad_flags(argv):
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain.py", "--batch", "0"], "--batch must be >= 1"),
+    (["pretrain.py", "--steps", "-3"], "--steps must be >= 1"),
+    (["pretrain.py", "--lr", "nan"], "--lr must be > 0"),
+    (["pretrain.py", "--train-images", "0"], "--train-images must be >= 1"),
+    (["finetune.py", "--lr", "-1"], "--lr must be > 0"),
+    (["finetune.py", "--lr", "nan"], "--lr must be > 0"),
+    (["finetune.py", "--eta1", "-50"], "--eta1 must be >= 0"),
+    (["finetune.py", "--warmup-epochs", "-3"], "--warmup-epochs must be >= 0"),
+    (["finetune.py", "--layer-decay", "0"], "--layer-decay must be in (0, 1]"),
+    (["finetune.py", "--sigma", "inf"], "--sigma must be > 0 and finite"),
+    (["finetune.py", "--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["certify.py", "--batch", "0"], "error:"), (["certify.py", "--batch", "150"], "error:"), (["certify.py", "--alpha", "0"], "error:"),
+])
+def test_more_bad_flags(argv, message):
     result = run_script(*argv)
-    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "error:" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+
+
+def broken_checkpoints(tmp_path, cifar_dir) -> dict:
+    pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", "--preset", "tiny", "--batch", "20", *FAST])
+    ckpt = load_checkpoint(str(tmp_path / "pre" / "ckpt.pt"), "pretrain")
+    ckpt["model_args"]["width"] = 256  # the weights are 192 wide
+    save_checkpoint(str(tmp_path / "mismatch.pt"), ckpt)
+    return dict(dir=str(tmp_path / "pre"), mismatch=str(tmp_path / "mismatch.pt"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["pretrain.py", "--batch", "20", "--out", "/proc/x"], "cannot create --out /proc/x"),
+    (["pretrain.py", "--batch", "20", "--out", "/etc/passwd/x"], "cannot create --out /etc/passwd/x: Not a directory"),
+    (["finetune.py", "--init", "scratch", "--preset", "tiny", "--batch", "20", "--out", "/etc/passwd/x"], "cannot create --out /etc/passwd/x"),
+    (["pretrain.py", "--data-dir", "/etc/passwd"], "--data-dir /etc/passwd is not a directory"),
+    (["finetune.py", "--init", "scratch", "--preset", "tiny", "--data-dir", "/etc/passwd"], "--data-dir /etc/passwd is not a directory"),
+    (["finetune.py", "--init", "{dir}"], "is a directory; give the ckpt.pt file inside it"),
+    (["finetune.py", "--init", "{mismatch}"], "checkpoint weights do not match its model_args"),
+    (["pretrain.py", "--kernels", "triton"], "--kernels triton needs a CUDA GPU"),
+    (["pretrain.py", "--batch", "5000"], "--batch 5000 is larger than the training set (60 images)"),
+])
+def test_bad_paths_and_checkpoints_are_one_line(argv, message, cifar_dir, tmp_path):
+    paths = broken_checkpoints(tmp_path, cifar_dir) if any("{" in a for a in argv) else {}
+    argv = [a.format(**paths) for a in argv]
+    if "--data-dir" not in argv:
+        argv += ["--data-dir", cifar_dir]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # as a user's shell: no interpreter
+    result = subprocess.run([sys.executable, *argv, "--preset", "tiny"] if argv[0] == "pretrain.py" else [sys.executable, *argv],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1 and message in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()  # nothing is created for a run that cannot start
+
+
+def test_resume_with_other_data_is_refused(cifar_dir, tmp_path):
+    other = tmp_path / "other"
+    import shutil
+    shutil.copytree(cifar_dir, other)
+    pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", "--preset", "tiny", "--batch", "20", *FAST])
+    before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
+    result = run_script("pretrain.py", "--data-dir", str(other), "--out", str(tmp_path / "pre"), "--steps", "1", "--preset", "tiny",
+                        "--batch", "20", "--resume")
+    assert result.returncode != 0 and "made with different --data-dir" in result.stderr
+    assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
 
 
 def test_nonfinite_finetune_loss_names_the_term(cifar_dir, tmp_path, monkeypatch):

@@ -46,7 +46,7 @@ def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
 def test_finetune_loss_decreases_on_a_set_it_can_overfit(cifar_dir, tmp_path, capsys):
     finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
                    "--sigma", "0.12", "--eta1", "0", "--eta2", "0", "--epochs", "10", "--warmup-epochs", "1", "--batch", "20",
-                   "--lr", "1e-3", "--log-every", "1", "--no-compile", "--kernels", "torch"])
+                   "--lr", "1e-3", "--no-scale-lr", "--log-every", "1", "--no-compile", "--kernels", "torch"])
     losses = [float(l.split("| ce ")[1].split()[0]) for l in capsys.readouterr().out.splitlines() if "| ce " in l]
     assert len(losses) == 30 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
 
