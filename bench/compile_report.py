@@ -11,6 +11,7 @@ compiles from scratch in a fresh cache directory, so a stale cache can never vou
 """
 import argparse
 import contextlib
+import importlib
 import io
 import json
 import os
@@ -29,7 +30,6 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from kernels import attention, cross_entropy, info_nce  # noqa: E402,F401  (modules, see _module)
 from model import DATASETS, PRESETS  # noqa: E402
 
 ARCHS = {80: "sm_80", 90: "sm_90a"}  # Triton compiles capability 90 as sm_90a
@@ -38,8 +38,8 @@ PTXAS_DIR = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 
 
 def _module(name: str):
-    # `kernels.attention` is also the name of a function in kernels/__init__.py, so go through sys.modules.
-    return sys.modules[f"kernels.{name}"]
+    # By module path: `kernels.attention` as an attribute is the function that kernels/__init__.py exports.
+    return importlib.import_module(f"kernels.{name}")
 
 
 def head_dim_pads() -> list[int]:

@@ -11,7 +11,7 @@ references stay the definitions every kernel, SDPA included, is tested against.
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_reference, attention_triton
+from .attention import attention_triton
 from .cross_entropy import cross_entropy_reference, cross_entropy_triton
 from .info_nce import info_nce_reference, info_nce_triton
 from .launch import INTERPRET

@@ -2,6 +2,7 @@
 autotune config and dtype without register spills or too much shared memory (ptxas -v, through
 bench/compile_report.py), and every launch grid must fit the hardware's limits at the largest shapes the
 scripts produce."""
+import importlib
 import json
 import os
 import subprocess
@@ -13,11 +14,10 @@ import triton
 from conftest import ROOT
 from model import DATASETS, PRESETS
 
-attention = sys.modules["kernels.attention"]  # the package exports a function of the same name
-info_nce = sys.modules["kernels.info_nce"]
-cross_entropy = sys.modules["kernels.cross_entropy"]
+# By module path: the package exports a function named `attention` too.
+attention, info_nce, cross_entropy = (importlib.import_module(f"kernels.{m}") for m in ("attention", "info_nce", "cross_entropy"))
 
-# Opt-in dynamic shared memory per block: A100 163 KiB, H100 227 KiB (CUDA programming guide, table 21).
+# Opt-in dynamic shared memory per block: A100 163 KiB, H100 227 KiB (CUDA programming guide).
 SHARED_LIMIT = {"sm_80": 163 * 1024, "sm_90a": 227 * 1024}
 GRID_LIMITS = (2**31 - 1, 65535, 65535)
 
