@@ -43,3 +43,13 @@ def test_pretrain_rates_reads_the_last_log_line():
     assert gpu_check.pretrain_rates("step 2/2 | 8.5 img/s | elapsed 0:02") == (8.5, None)  # no peak known: no mfu
     with pytest.raises(ValueError):
         gpu_check.pretrain_rates("Traceback ...")
+
+
+def test_window_mfu_counts_twelve_forwards_of_the_encoder(monkeypatch):
+    """rRCM-B on CIFAR-10: 11.38 GFLOP per forward x 12 per image, so an H100 (989 TFLOP/s bf16) at
+    100 % MFU pre-trains about 7,240 images/s."""
+    monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
+    assert 99.0 < gpu_check.window_mfu(7240, "B") < 101.0
+    monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "NVIDIA GeForce RTX 4090")
+    assert gpu_check.window_mfu(7240, "B") is None  # no peak known: no guess
