@@ -9,7 +9,8 @@ Shapes: q, k, v are [B, H, L, D]. L need not be a multiple of the block (rRCM us
 inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
 
 Autotune configs below are an untuned first guess: no GPU has been available to tune them yet; they are
-only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the first config is used as is.
+only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the
+first config is used as is.
 """
 import math
 
@@ -152,6 +153,11 @@ def grid(L: int, BH: int, block: int) -> tuple[int]:
     return (BH * triton.cdiv(L, block),)
 
 
+def _grid_of(block: str, L: int, BH: int):
+    """The launch grid as Triton wants it: a function of the chosen config's block sizes."""
+    return lambda meta: grid(L, BH, meta[block])
+
+
 # Registered as custom ops (forward and backward), so torch.compile keeps each one as a single opaque node
 # instead of tracing into the kernel launch, on a GPU and under the CPU interpreter alike.
 @torch.library.custom_op("rrcm::attention_fwd", mutates_args=())
@@ -163,7 +169,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     o = torch.empty_like(q)
     lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
     scale = 1.0 / math.sqrt(D)
-    _fwd[lambda meta: grid(L, B * H, meta["BLOCK_M"])](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
+    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
     return o, lse
 
 
@@ -183,10 +189,10 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     scale = 1.0 / math.sqrt(D)
     args = (L, D, scale * LOG2E, scale)
-    _bwd_dkdv[lambda meta: grid(L, B * H, meta["BLOCK_N"])](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
-                                          **_bwd_dkdv_blocks)
-    _bwd_dq[lambda meta: grid(L, B * H, meta["BLOCK_M"])](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
-                                        **_bwd_dq_blocks)
+    _bwd_dkdv[_grid_of("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
+                                             **_bwd_dkdv_blocks)
+    _bwd_dq[_grid_of("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
+                                           **_bwd_dq_blocks)
     return dq, dk, dv
 
 
