@@ -61,14 +61,11 @@ class Progress:
 
     def line(self, step: int) -> str:
         now = time.time()
-        rate = (step - self.last_step) * self.images / max(now - self.last_time, 1e-9)
+        self.rate = (step - self.last_step) * self.images / max(now - self.last_time, 1e-9)  # since the last line
         per_step = (now - self.start) / max(step - self.first, 1)
         self.last_time, self.last_step = now, step
-        return (f"{rate:.1f} img/s | elapsed {clock(now - self.start)} | "
+        return (f"{self.rate:.1f} img/s | elapsed {clock(now - self.start)} | "
                 f"ETA {clock(per_step * (self.total - step))}")
-
-    def images_per_second(self) -> float:
-        return (self.last_step - self.first) * self.images / max(self.last_time - self.start, 1e-9)
 
 
 def close_processes() -> None:

@@ -3,8 +3,11 @@ learned trajectory-consistent representations.
 
 The encoder is frozen. A linear head is trained on the representations of *clean* training images (read at
 t = sigma_min, the end of the trajectory), then evaluated on test images with pixel-space noise sigma,
-read at t = 2 sigma. If the representation of x + sigma eps matches that of x, accuracy stays high as
-sigma grows, although the head never saw noise.
+read at the smoothing time of sigma (2 sigma snapped to the 81-point grid). If the representation of
+x + sigma eps matches that of x, accuracy stays high as sigma grows, although the head never saw noise.
+The representation is the class token the fine-tuned classifier reads: raw on CIFAR-10, through the final
+LayerNorm on ImageNet (released train.layernorm). This is a quick diagnostic, not the released code's
+linear task (which trains with augmentation, layer decay and an entropy term for 100 epochs).
 
     python linear_probe.py --checkpoint out/pretrain/ckpt.pt --data-dir data
 """
@@ -46,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 @torch.no_grad()
-def representations(model: ViT, images: Images, count: int, sigma: float, seed: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def representations(model: ViT, images: Images, count: int, sigma: float, seed: int, batch: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """h(x_t, t) of the first `count` images; sigma = 0 means clean at t = sigma_min. Noise is seeded per
     image index, so every checkpoint is probed with the same noise."""
     feats, labels = [], []
@@ -57,7 +60,7 @@ def representations(model: ViT, images: Images, count: int, sigma: float, seed: 
         else:
             eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "probe")
             x_t, t = noisy_input(x, sigma, eps)
-        feats.append(model.features(x_t, t).float())
+        feats.append(model.features(x_t, t, norm).float())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
@@ -78,20 +81,24 @@ def train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epoc
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    kernels.use(args.kernels)
+    try:
+        kernels.use(args.kernels)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.checkpoint, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()
     dataset = ckpt["config"]["dataset"]
     train, test = Images(dataset, args.data_dir, "train", device), Images(dataset, args.data_dir, "test", device)
-    feats, labels = representations(model, train, args.train_images, 0.0, args.seed, args.batch)
+    norm = dataset == "imagenet"
+    feats, labels = representations(model, train, args.train_images, 0.0, args.seed, args.batch, norm)
     head = train_head(feats, labels, model.cfg.num_classes, args.epochs, args.batch, args.lr, args.seed)
     print(f"linear probe of {args.checkpoint} (step {ckpt['step']}), head trained on {len(feats)} clean images")
     print("sigma     " + " ".join(f"{s:6.2f}" for s in args.sigmas))
     accuracies = []
     with torch.no_grad():
         for sigma in args.sigmas:
-            f, y = representations(model, test, args.test_images, sigma, args.seed, args.batch)
+            f, y = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm)
             accuracies.append((head(f).argmax(1) == y).float().mean().item() * 100)
     print("accuracy  " + " ".join(f"{a:6.1f}" for a in accuracies))
 

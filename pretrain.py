@@ -315,7 +315,7 @@ def main(argv=None) -> None:
                     f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
                     f"{progress.line(step)}")
             if peak:
-                line += f" | mfu {progress.images_per_second() * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
+                line += f" | mfu {progress.rate * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
             say(line)
         if step % args.save_every == 0 or step == args.steps:
             checkpoint(step)
