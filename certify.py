@@ -43,7 +43,9 @@ from scipy.stats import beta, binomtest
 
 import kernels
 from data import Images, init_distributed, seeded_noise
-from model import PRECISIONS, UsageError, autocast, load_checkpoint, model_from_checkpoint, noisy_input, resolve_precision
+from model import (PRECISIONS, UsageError, autocast, load_checkpoint, model_from_checkpoint, noisy_input, resolve_precision,
+                   select_kernels)
+from jobs import clock
 from report import ADAPTIVE_HEADER, HEADER, ReportError, check_rows, summary
 
 NOISE_CHUNK = 100  # samples per noise seed; --batch and the adaptive stages are multiples, so no chunk is split
@@ -341,11 +343,6 @@ def append_rows(path: str, rows: list[str]) -> None:
 # ----------------------------------------------------------------------------------------------------
 # Progress a person can read
 
-def clock(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
 class Progress:
     """image k / total, samples/s, elapsed and ETA after each image, and a line every PROGRESS_EVERY seconds
     inside a long one (rRCM-B on a CPU at n = 100,000 takes over an hour per image), so the first estimate
@@ -404,10 +401,7 @@ def certify_image(classify, x: torch.Tensor, idx: int, args: argparse.Namespace,
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     """main's work; `stack` closes the lock however this ends."""
-    try:
-        kernels.use(args.kernels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    select_kernels(args.kernels)
     rank, world, device = init_distributed()
     ckpt = load_checkpoint(args.checkpoint, "finetune")
     trained_sigma = ckpt["config"]["sigma"]

@@ -35,7 +35,7 @@ from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, init_distr
 from jobs import Progress, StopSignal, check_out_dir, close_processes
 from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_checkpoint, model_args,
                    model_from_checkpoint, noisy_input, resolve_precision, resume_checkpoint, save_checkpoint,
-                   smoothing_time, to_model_space, vit_config)
+                   select_kernels, smoothing_time, to_model_space, vit_config)
 
 COPIES = 2  # m noisy copies per image
 
@@ -270,10 +270,7 @@ def build_model(args) -> ViT:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        kernels.use(args.kernels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    select_kernels(args.kernels)
     rank, world, device = init_distributed()
     master = rank == 0
     args.precision = resolve_precision(args.precision, device)

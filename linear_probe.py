@@ -18,7 +18,8 @@ import torch
 
 import kernels
 from data import Images, generator, seeded_noise
-from model import SIGMA_MIN, UsageError, ViT, load_checkpoint, model_from_checkpoint, noisy_input, to_model_space
+from model import (SIGMA_MIN, UsageError, ViT, load_checkpoint, model_from_checkpoint, noisy_input, select_kernels,
+                   to_model_space)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,15 +27,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: sys.exit(f"linear_probe.py: error: {msg}")
     p.add_argument("--checkpoint", default="out/pretrain/ckpt.pt", help="a pretrain.py checkpoint")
-    p.add_argument("--data-dir", default="data")
+    p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
     p.add_argument("--sigmas", default="0,0.25,0.5,1.0", help="test noise levels in pixel space (comma-separated)")
-    p.add_argument("--train-images", type=int, default=50_000)
-    p.add_argument("--test-images", type=int, default=10_000)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend())
+    p.add_argument("--train-images", type=int, default=50_000, help="clean training images the head is fitted on (the first N)")
+    p.add_argument("--test-images", type=int, default=10_000, help="test images (the first N)")
+    p.add_argument("--epochs", type=int, default=30, help="epochs of the head's AdamW")
+    p.add_argument("--batch", type=int, default=256, help="images per batch (encoding and head training)")
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of the head, weight decay 0")
+    p.add_argument("--seed", type=int, default=0, help="head init, order and test noise")
+    p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
     args = p.parse_args(argv)
     try:
         args.sigmas = [float(s) for s in args.sigmas.split(",")]
@@ -81,10 +82,7 @@ def train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epoc
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        kernels.use(args.kernels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    select_kernels(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ckpt = load_checkpoint(args.checkpoint, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()

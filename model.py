@@ -299,6 +299,14 @@ def check_finite(total: torch.Tensor, terms: dict, step: int, say=None) -> None:
         raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
 
 
+def select_kernels(backend: str) -> None:
+    """kernels.use, with its refusal (e.g. Triton without a GPU) as a one-line usage error."""
+    try:
+        kernels.use(backend)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
 # ----------------------------------------------------------------------------------------------------
 # Precision: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere
 

@@ -38,7 +38,7 @@ import kernels
 from data import Images, batch_indices, gather_rows, generator, init_distributed, local_shards, run_log
 from jobs import Progress, StopSignal, check_out_dir, clock, close_processes
 from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
-                   resolve_precision, resume_checkpoint, save_checkpoint, to_model_space, vit_config)
+                   resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
 FORWARDS_PER_IMAGE = 12  # online: 3 passes x (fwd + 2 bwd) = 9; no-grad: consistency key + 2 target views = 3
@@ -211,9 +211,9 @@ def step_inputs(data: Images, step: int, args, rank: int, world: int, device) ->
 
 
 def estimate_step_seconds(model: ViT, x: torch.Tensor, local_batch: int, autocast) -> float:
-    """A first guess of one training step's time from a timed forward of 4 images, so a slow run (preset B
+    """A first guess of one training step's time from a timed forward of 16 images, so a slow run (preset B
     on a CPU) says how long it will take before its first step ends."""
-    x = x[:4]
+    x = x[:16]
     with torch.no_grad(), autocast:
         model.features(x, SIGMA_MIN)  # warm-up call
         start = time.time()
@@ -223,10 +223,7 @@ def estimate_step_seconds(model: ViT, x: torch.Tensor, local_batch: int, autocas
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    try:
-        kernels.use(args.kernels)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    select_kernels(args.kernels)
     rank, world, device = init_distributed()
     master = rank == 0
     args.precision = resolve_precision(args.precision, device)
@@ -272,7 +269,7 @@ def main(argv=None) -> None:
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
     if device.type == "cpu":
-        x, _ = data.batch(torch.arange(4))
+        x, _ = data.batch(torch.arange(min(16, len(data))))
         per_step = estimate_step_seconds(model, to_model_space(x), args.batch // world, mixed)
         say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
             f"for the {args.steps - step} steps to go")

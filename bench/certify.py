@@ -11,6 +11,7 @@ natively (AMX-BF16 or AVX512-BF16); elsewhere it is emulated.
 
     python bench/certify.py --precisions --n 2000                   # the record (minutes for B on 2 cores)
     python bench/certify.py --precisions --presets tiny --n 200 --no-compile --reps 1   # seconds: does it run
+    python bench/certify.py --agreement out/finetune_sigma0.25/ckpt.pt --data-dir data --n 1000 --images 20
 """
 import argparse
 import contextlib
@@ -87,6 +88,34 @@ def compare_precisions(args, device: torch.device) -> None:
         print(f"| {preset} | {rates['fp32']:,.0f} | {rates['bf16']:,.0f} | {rates['bf16'] / rates['fp32']:.2f}x |", flush=True)
 
 
+@torch.no_grad()
+def precision_agreement(args, device: torch.device) -> None:
+    """How often bf16 autocast changes the base classifier's decision f(x + sigma eps) of a trained
+    checkpoint, on the same noise: per sample, and in the CERTIFY outcome (class and radius) per image."""
+    from data import Images
+    from model import load_checkpoint, model_from_checkpoint
+    ckpt = load_checkpoint(args.agreement, "finetune")
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    sigma, C = ckpt["config"]["sigma"], model.cfg.num_classes
+    test = Images(ckpt["config"]["dataset"], args.data_dir, "test", device)
+    differ = samples = outcome_differs = 0
+    for idx in range(0, args.images * 100, 100):
+        x, _ = test.batch(torch.tensor([idx]))
+        eps = certify.noise(x.shape[1:], args.n, 0, 0, idx, "estimate", device)
+        preds, outcome = {}, {}
+        for precision in ("fp32", "bf16"):
+            with autocast(device, precision):
+                preds[precision] = torch.cat([certify.predict_noisy(model, x[0], e, sigma) for e in eps.split(args.batch)])
+            counts = torch.bincount(preds[precision], minlength=C).cpu().numpy()
+            outcome[precision] = certify.certify_from_counts(counts, counts, args.n, 0.001, sigma)
+        differ += int((preds["fp32"] != preds["bf16"]).sum())
+        samples += args.n
+        outcome_differs += outcome["fp32"][0] != outcome["bf16"][0]
+        print(f"image {idx}: fp32 {outcome['fp32']}, bf16 {outcome['bf16']}", flush=True)
+    print(f"{args.agreement}: bf16 and fp32 decisions differ on {differ} of {samples} noisy samples "
+          f"({differ / samples:.3%}); the certified class differs on {outcome_differs} of {args.images} images")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--preset", default="B" if GPU else "tiny")
@@ -96,8 +125,14 @@ def main() -> None:
     p.add_argument("--precisions", action="store_true", help="fp32 against bf16 autocast for each of --presets")
     p.add_argument("--presets", default="tiny,S,B", help="with --precisions: comma-separated presets")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="with --precisions: torch.compile the loop")
+    p.add_argument("--agreement", default=None, help="a finetune checkpoint: how often bf16 changes its decisions")
+    p.add_argument("--images", type=int, default=20, help="with --agreement: test images 0, 100, 200, ...")
+    p.add_argument("--data-dir", default="data", help="with --agreement")
     args = p.parse_args()
     device = torch.device("cuda" if GPU else "cpu")
+    if args.agreement:
+        precision_agreement(args, device)
+        return
     if args.precisions:
         compare_precisions(args, device)
         return

@@ -125,3 +125,17 @@ def test_pretrain_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
     result = script("pretrain.py", "--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY)
     assert result.returncode != 0 and "pass --resume" in result.stderr
     assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
+
+
+@pytest.mark.parametrize("script", ["pretrain", "finetune", "certify", "linear_probe"])
+def test_help_shows_every_default(script, capsys):
+    """Every option of --help says its default (or, for the recipe's flags, both datasets' values)."""
+    module = __import__(script)
+    with pytest.raises(SystemExit):
+        module.parse_args(["--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:")[1]
+    blocks = [b for b in options.split("\n  -") if b.strip().startswith("-") and not b.strip().startswith("h, --help")]
+    assert len(blocks) >= 8
+    missing = [b.split()[0] for b in blocks if "(default:" not in b]
+    assert not missing, missing
