@@ -42,10 +42,10 @@ import torch.distributed as dist
 from scipy.stats import beta, binomtest
 
 import kernels
-from data import Images, init_distributed, seeded_noise
+from data import Images, seeded_noise
 from model import (PRECISIONS, UsageError, autocast, load_checkpoint, model_from_checkpoint, noisy_input, resolve_precision,
                    select_kernels)
-from jobs import clock
+from jobs import clock, init_distributed
 from report import ADAPTIVE_HEADER, HEADER, ReportError, check_rows, summary
 
 NOISE_CHUNK = 100  # samples per noise seed; --batch and the adaptive stages are multiples, so no chunk is split

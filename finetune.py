@@ -31,8 +31,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, init_distributed, local_shards, mixup_cutmix, run_log, seeded_noise
-from jobs import Progress, StopSignal, check_out_dir, close_processes
+from augment import mixup_cutmix
+from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, local_shards, seeded_noise
+from jobs import (Progress, StopSignal, check_out_dir, clock, close_processes, forward_seconds_per_image, init_distributed,
+                  run_log)
 from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_checkpoint, model_args,
                    model_from_checkpoint, noisy_input, resolve_precision, resume_checkpoint, save_checkpoint,
                    select_kernels, smoothing_time, to_model_space, vit_config)
@@ -303,6 +305,11 @@ def main(argv=None) -> None:
         f"t = {smoothing_time(args.sigma):.4f} | config: {vars(args)}")
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
+    if device.type == "cpu":  # forward + backward (2 forwards) of every noisy copy
+        x, _ = test.batch(torch.arange(min(16, len(test))))
+        per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * COPIES * 3
+        say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (total - step))} "
+            f"for the {total - step} steps to go")
     path = os.path.join(args.out, "ckpt.pt")
 
     def checkpoint(next_step: int) -> None:

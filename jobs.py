@@ -1,4 +1,5 @@
-"""What the two training scripts share as long jobs: progress a person can read, and a clean stop.
+"""What the scripts share as jobs: the processes (one per GPU under torchrun, gloo on CPU), who speaks,
+progress a person can read, and a clean stop.
 
 A run on a cluster is stopped by SIGTERM before preemption and by Ctrl-C (SIGINT) at a desk. Either one
 sets a flag; the training loop finishes the step it is in, writes a checkpoint at that step (atomically)
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -68,6 +70,17 @@ class Progress:
                 f"ETA {clock(per_step * (self.total - step))}")
 
 
+def forward_seconds_per_image(model, x: torch.Tensor, t: float, mixed) -> float:
+    """Seconds of one no-grad forward per image, timed on x (a few images, after a warm-up call): the first
+    guess of a step's time that lets a slow run (preset B on a CPU) say how long it will take before its
+    first step ends. A backward costs about two forwards."""
+    with torch.no_grad(), mixed:
+        model.features(x, t)
+        start = time.time()
+        model.features(x, t)
+    return (time.time() - start) / len(x)
+
+
 def close_processes() -> None:
     """Leave the process group together: a rank that tears down its connections while another still
     talks to it makes gloo abort that other rank (SIGABRT)."""
@@ -85,3 +98,42 @@ def check_out_dir(out: str) -> None:
         raise UsageError(f"cannot create --out {out}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise UsageError(f"--out {out} is not writable")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes: which rank sees which share of the data, and which one speaks
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device). Under torchrun (RANK is set) join the process group: NCCL on GPUs,
+    gloo on CPU; otherwise a single process on the GPU if there is one."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cpu")
+    if cuda:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def run_log(out_dir: str, master: bool) -> Callable[[str], None]:
+    """A print to stdout and <out_dir>/log.txt on rank 0; a no-op on the other ranks."""
+    if not master:
+        return lambda line: None
+    os.makedirs(out_dir, exist_ok=True)
+    log = open(os.path.join(out_dir, "log.txt"), "a")
+
+    def say(line: str) -> None:
+        for stream in (sys.stdout, log):
+            print(line, file=stream, flush=True)
+    return say
+
+
+def gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows of x concatenated in rank order (no gradient), and this rank's row offset."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts), dist.get_rank() * x.shape[0]

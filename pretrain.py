@@ -28,15 +28,15 @@ import argparse
 import math
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from data import Images, batch_indices, gather_rows, generator, init_distributed, local_shards, run_log
-from jobs import Progress, StopSignal, check_out_dir, clock, close_processes
+from data import Images, batch_indices, generator, local_shards
+from jobs import (Progress, StopSignal, check_out_dir, clock, close_processes, forward_seconds_per_image, gather_rows,
+                  init_distributed, run_log)
 from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
                    resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
 
@@ -210,17 +210,6 @@ def step_inputs(data: Images, step: int, args, rank: int, world: int, device) ->
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def estimate_step_seconds(model: ViT, x: torch.Tensor, local_batch: int, autocast) -> float:
-    """A first guess of one training step's time from a timed forward of 16 images, so a slow run (preset B
-    on a CPU) says how long it will take before its first step ends."""
-    x = x[:16]
-    with torch.no_grad(), autocast:
-        model.features(x, SIGMA_MIN)  # warm-up call
-        start = time.time()
-        model.features(x, SIGMA_MIN)
-    return (time.time() - start) / len(x) * local_batch * FORWARDS_PER_IMAGE
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     select_kernels(args.kernels)
@@ -270,7 +259,7 @@ def main(argv=None) -> None:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
     if device.type == "cpu":
         x, _ = data.batch(torch.arange(min(16, len(data))))
-        per_step = estimate_step_seconds(model, to_model_space(x), args.batch // world, mixed)
+        per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * FORWARDS_PER_IMAGE
         say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
             f"for the {args.steps - step} steps to go")
     path = os.path.join(args.out, "ckpt.pt")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+import augment
 import data
 from model import UsageError
 
@@ -23,16 +24,16 @@ def test_cifar_reader_matches_raw_pickles(cifar_dir):
 
 def test_hsv_matches_colorsys():
     x = torch.rand(4, 3, 5, 5, dtype=torch.float64)
-    h, s, v = data._rgb_to_hsv(x)
+    h, s, v = augment._rgb_to_hsv(x)
     for b, i, j in [(0, 0, 0), (1, 2, 3), (3, 4, 4)]:
         want = colorsys.rgb_to_hsv(*x[b, :, i, j].tolist())
         assert np.allclose([h[b, i, j], s[b, i, j], v[b, i, j]], want)
-    assert torch.allclose(data._hsv_to_rgb(h, s, v), x)
+    assert torch.allclose(augment._hsv_to_rgb(h, s, v), x)
 
 
 def test_moco_views_are_images_and_differ():
     x = torch.rand(8, 3, 32, 32)
-    v1, v2 = data.moco_views(x, data.generator(torch.device("cpu"), 1))
+    v1, v2 = augment.moco_views(x, data.generator(torch.device("cpu"), 1))
     assert v1.shape == x.shape and v2.shape == x.shape
     assert v1.min() >= -1e-6 and v1.max() <= 1 + 1e-6 and not torch.allclose(v1, v2)
 
@@ -40,7 +41,7 @@ def test_moco_views_are_images_and_differ():
 def test_full_crop_is_identity():
     x = torch.rand(2, 3, 8, 8)
     g = data.generator(torch.device("cpu"), 0)
-    assert torch.allclose(data.random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0)), x, atol=1e-5)
+    assert torch.allclose(augment.random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0)), x, atol=1e-5)
 
 
 def test_batches_cover_an_epoch_and_split_across_ranks():
@@ -118,8 +119,8 @@ def test_blur_matches_pil_gaussian_blur(size):
     from PIL import ImageFilter
     radii = [0.1, 0.7, 1.0, 1.6, 2.0]
     x = _uint8_images(len(radii), size, size + 5)
-    exact = data.pil_gaussian_blur(x, torch.tensor(radii), uint8_passes=True)
-    fast = data.pil_gaussian_blur(x, torch.tensor(radii))
+    exact = augment.pil_gaussian_blur(x, torch.tensor(radii), uint8_passes=True)
+    fast = augment.pil_gaussian_blur(x, torch.tensor(radii))
     for b, r in enumerate(radii):
         want = _from_pil(_pil(x[b]).filter(ImageFilter.GaussianBlur(r)))
         assert torch.equal((exact[b] * 255).round(), want), r  # same boxes, weights and rounding as Pillow
@@ -129,7 +130,7 @@ def test_blur_matches_pil_gaussian_blur(size):
     # so the released blur reaches 2 px on 32 x 32 CIFAR-10 (a 3-tap kernel stays below 1 px)
     delta = torch.zeros(len(radii), 1, size, size)
     delta[:, :, size // 2, size // 2] = 1.0
-    response = data.pil_gaussian_blur(delta, torch.tensor(radii))[:, 0]
+    response = augment.pil_gaussian_blur(delta, torch.tensor(radii))[:, 0]
     offsets = torch.arange(size, dtype=torch.float32) - size // 2
     for b, r in enumerate(radii):
         assert abs(response[b].sum() - 1) < 1e-5
@@ -140,11 +141,11 @@ def test_blur_matches_pil_gaussian_blur(size):
 
 def test_gaussian_blur_draws_radius_per_image():
     x = _uint8_images(6, 16, 16)
-    out = data.gaussian_blur(x, data.generator(torch.device("cpu"), 5), p=1.0)
+    out = augment.gaussian_blur(x, data.generator(torch.device("cpu"), 5), p=1.0)
     g = data.generator(torch.device("cpu"), 5)
     radii = 0.1 + 1.9 * torch.rand(6, generator=g)
     for b in range(6):
-        assert torch.allclose(out[b], data.pil_gaussian_blur(x[b:b + 1], radii[b:b + 1])[0], atol=1e-6)
+        assert torch.allclose(out[b], augment.pil_gaussian_blur(x[b:b + 1], radii[b:b + 1])[0], atol=1e-6)
 
 
 def _torchvision_box(u, height, width, scale, ratio):
@@ -171,7 +172,7 @@ def test_crop_boxes_follow_torchvision():
     u = torch.rand(len(sizes), 10, 4, generator=g, dtype=torch.float64)
     u[:5, :, 0] = 1.0  # area 1 with a non-square aspect never fits: the fallback path
     for scale in [(0.08, 1.0), (0.4, 1.0)]:
-        got = torch.stack(data.rrc_boxes(u, sizes[:, 0], sizes[:, 1], scale), 1)
+        got = torch.stack(augment.rrc_boxes(u, sizes[:, 0], sizes[:, 1], scale), 1)
         for i in range(len(sizes)):
             want = _torchvision_box(u[i].tolist(), int(sizes[i, 0]), int(sizes[i, 1]), scale, (3 / 4, 4 / 3))
             assert got[i].tolist() == list(want), (i, scale)
@@ -182,7 +183,7 @@ def test_crop_resize_matches_pil_crop_then_bilinear_resize():
     x = _uint8_images(3, 32, 32)
     boxes = [(3, 5, 20, 11), (0, 0, 32, 32), (10, 2, 7, 29)]  # top, left, h, w
     top, left, h, w = (torch.tensor(v) for v in zip(*boxes))
-    out = data.crop_resize(x, top, left, h, w, 32)
+    out = augment.crop_resize(x, top, left, h, w, 32)
     for b, (t, l_, hh, ww) in enumerate(boxes):
         want = _from_pil(_pil(x[b]).crop((l_, t, l_ + ww, t + hh)).resize((32, 32), Image.BILINEAR))
         diff = ((out[b] * 255) - want).abs()
@@ -191,7 +192,7 @@ def test_crop_resize_matches_pil_crop_then_bilinear_resize():
 
 def test_consistency_augment_is_a_flip_only():
     x = torch.rand(400, 3, 4, 4)
-    out = data.consistency_augment(x, data.generator(torch.device("cpu"), 2))
+    out = augment.consistency_augment(x, data.generator(torch.device("cpu"), 2))
     same = (out == x).flatten(1).all(1)
     flipped = (out == x.flip(3)).flatten(1).all(1)
     assert bool((same | flipped).all())
@@ -225,7 +226,7 @@ def test_rand_augment_pixel_ops_match_pil(name, level, sign):
         "BrightnessIncreasing": lambda: ImageEnhance.Brightness(im).enhance(factor),
         "SharpnessIncreasing": lambda: ImageEnhance.Sharpness(im).enhance(factor),
     }[name]()
-    got = data.RAND_OPS[name](x * 255, torch.tensor([level]), torch.tensor([float(sign)]))
+    got = augment.RAND_OPS[name](x * 255, torch.tensor([level]), torch.tensor([float(sign)]))
     assert torch.equal(got[0], _from_pil(want))
 
 
@@ -235,13 +236,13 @@ def test_rand_augment_geometry_matches_pil():
     x = (smooth * 255).round()
     im, fill = _pil(x[0] / 255), (128, 128, 128)
     # translate by exactly 9 pixels (level chosen so that 0.45 level / 10 * 48 = 9): no interpolation at all
-    got = data.RAND_OPS["TranslateXRel"](x, torch.tensor([9 / 0.45 / 48 * 10]), torch.tensor([-1.0]))
+    got = augment.RAND_OPS["TranslateXRel"](x, torch.tensor([9 / 0.45 / 48 * 10]), torch.tensor([-1.0]))
     want = im.transform((48, 40), Image.AFFINE, (1, 0, -9, 0, 1, 0), resample=Image.BICUBIC, fillcolor=fill)
     assert torch.equal(got[0], _from_pil(want))
     for name, want in [("Rotate", im.rotate(27, resample=Image.BICUBIC, fillcolor=fill)),
                        ("ShearX", im.transform((48, 40), Image.AFFINE, (1, 0.27, 0, 0, 1, 0), resample=Image.BICUBIC, fillcolor=fill)),
                        ("ShearY", im.transform((48, 40), Image.AFFINE, (1, 0, 0, 0.27, 1, 0), resample=Image.BICUBIC, fillcolor=fill))]:
-        diff = (data.RAND_OPS[name](x, torch.tensor([9.0]), torch.tensor([1.0]))[0] - _from_pil(want)).abs()
+        diff = (augment.RAND_OPS[name](x, torch.tensor([9.0]), torch.tensor([1.0]))[0] - _from_pil(want)).abs()
         # bicubic a = -0.75 (PyTorch) vs -0.5 (PIL), and a pixel or two on the fill border
         assert diff.mean() < 1.0 and (diff > 4).float().mean() < 0.01, (name, diff.mean())
 
@@ -250,13 +251,13 @@ def test_rand_augment_at_magnitude_zero_leaves_magnitude_ops_unchanged():
     x = (_uint8_images(2, 16, 16) * 255).round()
     for name in ["Rotate", "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing",
                  "BrightnessIncreasing", "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel"]:
-        assert torch.equal(data.RAND_OPS[name](x, torch.zeros(2), torch.ones(2)), x), name
-    assert torch.equal(data.RAND_OPS["PosterizeIncreasing"](x, torch.zeros(2), torch.ones(2)), torch.floor(x / 16) * 16)
+        assert torch.equal(augment.RAND_OPS[name](x, torch.zeros(2), torch.ones(2)), x), name
+    assert torch.equal(augment.RAND_OPS["PosterizeIncreasing"](x, torch.zeros(2), torch.ones(2)), torch.floor(x / 16) * 16)
 
 
 def test_rand_augment_plan_statistics():
     n = 20000
-    op, applied, level, sign = data.rand_augment_plan(data.generator(torch.device("cpu"), 7), n)
+    op, applied, level, sign = augment.rand_augment_plan(data.generator(torch.device("cpu"), 7), n)
     assert op.shape == applied.shape == level.shape == (n, 2)
     se = math.sqrt(0.25 / (2 * n))
     assert abs(applied.float().mean() - 0.5) < 4 * se  # each op applied with probability 1/2
@@ -273,16 +274,16 @@ def test_rand_augment_plan_statistics():
 
 def test_rand_augment_applies_its_plan():
     x = _uint8_images(16, 24, 24, seed=9)
-    out = data.rand_augment(x, data.generator(torch.device("cpu"), 11))
-    op, applied, level, sign = data.rand_augment_plan(data.generator(torch.device("cpu"), 11), 16)
-    names = list(data.RAND_OPS)
+    out = augment.rand_augment(x, data.generator(torch.device("cpu"), 11))
+    op, applied, level, sign = augment.rand_augment_plan(data.generator(torch.device("cpu"), 11), 16)
+    names = list(augment.RAND_OPS)
     assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
     assert torch.equal((out * 255).round(), out * 255)  # uint8 values, as timm's PIL images
     for b in range(16):
         v = (x[b:b + 1] * 255).round()
         for k in range(2):
             if applied[b, k]:
-                v = data.RAND_OPS[names[op[b, k]]](v, level[b:b + 1, k], sign[b:b + 1, k])
+                v = augment.RAND_OPS[names[op[b, k]]](v, level[b:b + 1, k], sign[b:b + 1, k])
         assert torch.equal(out[b] * 255, v[0]), b
     assert bool((~applied.any(1)).any()) and bool(applied.all(1).any())
 
@@ -293,7 +294,7 @@ def test_mixup_and_cutmix_statistics():
     y = torch.arange(B)
     cut, mix_lams = 0, []
     for step in range(2000):
-        out, y_a, y_b, lam = data.mixup_cutmix(x, y, data.generator(torch.device("cpu"), "mix", step))
+        out, y_a, y_b, lam = augment.mixup_cutmix(x, y, data.generator(torch.device("cpu"), "mix", step))
         assert torch.equal(y_a, y) and torch.equal(y_b, y.flip(0)) and 0 <= lam <= 1
         from_other = (out == x.flip(0)).all(1)[0]  # pixels of image 0 taken from image B-1
         if bool(((out == x) | (out == x.flip(0))).all()):  # cutmix: every pixel from one image or the other
@@ -336,8 +337,8 @@ def test_cifar_batches_for_each_recipe(cifar_dir):
     x, y = images.batch(idx)
     x_w, y_w = images.finetune_batch(idx, g(), "weak")
     assert torch.equal(x_w, x) and torch.equal(y_w, y)  # the released CIFAR-10 fine-tuning: no augmentation
-    for augment in ("strong", "autoaug"):
-        xa, ya = images.finetune_batch(idx, g(), augment)
+    for kind in ("strong", "autoaug"):
+        xa, ya = images.finetune_batch(idx, g(), kind)
         assert xa.shape == x.shape and torch.equal(ya, y) and xa.min() >= 0 and xa.max() <= 1
     x0, v1, v2 = images.pretrain_views(idx, g())
     assert all(v.shape == x.shape for v in (x0, v1, v2)) and v1.min() >= -1e-6 and v2.max() <= 1 + 1e-6
@@ -358,12 +359,12 @@ def test_imagenet_crops_come_from_the_full_image(tmp_path):
     x, _ = images.finetune_batch(idx, g, "strong")
     # by hand: the same uniforms give the box in the full 300 x 460 image, cropped then bicubic-resized
     u = torch.rand(2, 10, 4, generator=data.generator(torch.device("cpu"), 8))
-    top, left, h, w = (int(v) for v in data.rrc_boxes(u[:1], torch.tensor([460]), torch.tensor([300]), (0.4, 1.0)))
+    top, left, h, w = (int(v) for v in augment.rrc_boxes(u[:1], torch.tensor([460]), torch.tensor([300]), (0.4, 1.0)))
     with Image.open(tmp_path / "train" / "n01" / "1.png") as im:
         crop = _from_pil(im.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC))
     assert torch.equal(x[0] * 255, crop) or torch.equal(x[0] * 255, crop.flip(2))
-    for augment in ("weak", "autoaug"):
-        assert images.finetune_batch(idx, g, augment)[0].shape == (2, 3, 224, 224)
+    for kind in ("weak", "autoaug"):
+        assert images.finetune_batch(idx, g, kind)[0].shape == (2, 3, 224, 224)
     x0, v1, v2 = images.pretrain_views(idx, g)
     assert x0.shape == v1.shape == v2.shape == (2, 3, 224, 224)
 

@@ -240,3 +240,25 @@ def test_nonfinite_finetune_loss_names_the_term(cifar_dir, tmp_path, monkeypatch
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+
+
+@pytest.mark.parametrize("script", ["pretrain.py", "finetune.py"])
+def test_preset_b_on_a_cpu_says_how_long_it_will_take_within_a_minute(script, cifar_dir, tmp_path):
+    """rRCM-B on a CPU: its first step takes minutes, so the first lines must already estimate the run."""
+    import time
+    argv = ["--data-dir", cifar_dir, "--out", str(tmp_path), "--batch", "40", *FAST]
+    argv = ["--preset", "B", "--steps", "100", *argv] if script == "pretrain.py" else ["--init", "scratch", "--preset", "B", *argv]
+    proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    start, lines = time.time(), []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("estimate"):
+                break
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert time.time() - start < 60 and lines[-1].startswith("estimate from a timed forward"), "".join(lines)
+    assert "precision fp32" in lines[0] and "on cpu" in lines[0]  # device and precision first
+    hours, minutes, seconds = lines[-1].split(", ")[1].split()[0].split(":")
+    assert int(hours) * 3600 + int(minutes) * 60 + int(seconds) > 0
