@@ -318,37 +318,37 @@ def main(argv=None) -> None:
                 kind="finetune", model_args=model_args(model), model=model.state_dict(), optimizer=opt.state_dict(),
                 step=next_step, config=vars(args)))
 
-    stop = StopSignal()
-    progress = Progress(step, total, args.batch)
-    while step < total:
-        x_t, t, y_a, y_b, lam = step_inputs(train, step, args, rank, world, device)
-        lr = learning_rate(step // steps_per_epoch, peak_lr, args.warmup_epochs, args.schedule_epochs)
-        for group in opt.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        with mixed:
-            logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
-            loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
-        check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step, say)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        step += 1
+    with StopSignal() as stop:  # SIGINT/SIGTERM: finish the step, save, exit
+        progress = Progress(step, total, args.batch)
+        while step < total:
+            x_t, t, y_a, y_b, lam = step_inputs(train, step, args, rank, world, device)
+            lr = learning_rate(step // steps_per_epoch, peak_lr, args.warmup_epochs, args.schedule_epochs)
+            for group in opt.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with mixed:
+                logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
+                loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
+            check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step, say)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
 
-        if step % args.log_every == 0 or step == total or step == progress.first + 1:
-            metrics = torch.stack([loss.detach(), parts["ce"], parts["kl"], parts["entropy"]]).float()
-            if world > 1:
-                torch.distributed.all_reduce(metrics)
-                metrics /= world
-            say(f"step {step}/{total} | loss {metrics[0]:.4f} | ce {metrics[1]:.4f} | kl {metrics[2]:.4f} | "
-                f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {progress.line(step)}")
-        if step % steps_per_epoch == 0:
-            clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch, mixed)
-            say(f"epoch {step // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")
-        if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
-            checkpoint(step)
-        elif stop.requested(device):
-            checkpoint(step)
-            stop.exit("finetune.py", step, path)
+            if step % args.log_every == 0 or step == total or step == progress.first + 1:
+                metrics = torch.stack([loss.detach(), parts["ce"], parts["kl"], parts["entropy"]]).float()
+                if world > 1:
+                    torch.distributed.all_reduce(metrics)
+                    metrics /= world
+                say(f"step {step}/{total} | loss {metrics[0]:.4f} | ce {metrics[1]:.4f} | kl {metrics[2]:.4f} | "
+                    f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {progress.line(step)}")
+            if step % steps_per_epoch == 0:
+                clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch, mixed)
+                say(f"epoch {step // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")
+            if step % args.save_every == 0 or step % steps_per_epoch == 0 or step == total:
+                checkpoint(step)
+            elif stop.requested(device):
+                checkpoint(step)
+                stop.exit("finetune.py", step, path)
     close_processes()
 
 

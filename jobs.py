@@ -17,17 +17,24 @@ import torch.distributed as dist
 
 
 class StopSignal:
-    """Records SIGINT/SIGTERM instead of dying mid-step. `requested()` is collective under torchrun, so
-    every rank stops after the same step (one rank leaving early would hang the others' all-reduces)."""
+    """Records SIGINT/SIGTERM instead of dying mid-step, while the training loop runs inside `with`; the
+    previous handlers come back afterwards. `requested()` is collective under torchrun, so every rank stops
+    after the same step (one rank leaving early would hang the others' all-reduces)."""
 
-    def __init__(self):
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __enter__(self) -> "StopSignal":
         self.signum = 0
-        for s in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(s, self._record)
+        self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _record(self, signum, frame) -> None:
         self.signum = signum
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in self.SIGNALS:  # a second signal during the save gets the default behaviour
             signal.signal(s, signal.SIG_DFL)
 
     def requested(self, device: torch.device) -> bool:

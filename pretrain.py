@@ -270,44 +270,44 @@ def main(argv=None) -> None:
                 kind="pretrain", model_args=model_args(model), model=model.state_dict(), target=target.state_dict(),
                 optimizer=opt.state_dict(), step=next_step, config=vars(args)))
 
-    stop = StopSignal()
-    progress = Progress(step, args.steps, args.batch)
-    while step < args.steps:
-        N = num_scales(step, args.steps)
-        sigmas = edm_sigmas(N).tolist()
-        n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
-        x0, v1, v2, eps = step_inputs(data, step, args, rank, world, device)
-        for group in opt.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-        with mixed:
-            with torch.no_grad():
-                k1, k2 = target_fwd(target, v1, v2, eps)
-            # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
-            t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
-            loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, k1, k2)
-            loss = loss_cons + loss_ctr
-        check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = args.grad_clip if step >= args.warmup else float("inf")
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        opt.step()
-        rate = ema_rate(step, args.steps, args.ema_sharpness)
-        update_target(target, model, rate)
-        step += 1
+    with StopSignal() as stop:  # SIGINT/SIGTERM: finish the step, save, exit
+        progress = Progress(step, args.steps, args.batch)
+        while step < args.steps:
+            N = num_scales(step, args.steps)
+            sigmas = edm_sigmas(N).tolist()
+            n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
+            x0, v1, v2, eps = step_inputs(data, step, args, rank, world, device)
+            for group in opt.param_groups:
+                group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
+            with mixed:
+                with torch.no_grad():
+                    k1, k2 = target_fwd(target, v1, v2, eps)
+                # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
+                t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
+                loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, k1, k2)
+                loss = loss_cons + loss_ctr
+            check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            max_norm = args.grad_clip if step >= args.warmup else float("inf")
+            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+            opt.step()
+            rate = ema_rate(step, args.steps, args.ema_sharpness)
+            update_target(target, model, rate)
+            step += 1
 
-        if master and (step % args.log_every == 0 or step == args.steps or step == progress.first + 1):
-            line = (f"step {step}/{args.steps} | consistency {loss_cons.item():.4f} | contrastive {loss_ctr.item():.4f} | "
-                    f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
-                    f"{progress.line(step)}")
-            if peak:
-                line += f" | mfu {progress.rate * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
-            say(line)
-        if step % args.save_every == 0 or step == args.steps:
-            checkpoint(step)
-        elif stop.requested(device):
-            checkpoint(step)
-            stop.exit("pretrain.py", step, path)
+            if master and (step % args.log_every == 0 or step == args.steps or step == progress.first + 1):
+                line = (f"step {step}/{args.steps} | consistency {loss_cons.item():.4f} | contrastive {loss_ctr.item():.4f} | "
+                        f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
+                        f"{progress.line(step)}")
+                if peak:
+                    line += f" | mfu {progress.rate * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
+                say(line)
+            if step % args.save_every == 0 or step == args.steps:
+                checkpoint(step)
+            elif stop.requested(device):
+                checkpoint(step)
+                stop.exit("pretrain.py", step, path)
     close_processes()
 
 

@@ -67,3 +67,18 @@ def finetuned(cifar_dir, tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("ft")
     finetune.main(finetune_args(cifar_dir, out))
     return str(out / "ckpt.pt")
+
+
+def refusal(script: str, argv: list) -> str:
+    """Run a script's main() in this process the way its `__main__` block does, and return the message it
+    exits with (a usage error, or argparse's one line); fails if it does not exit."""
+    import importlib
+
+    from model import UsageError
+    module = importlib.import_module(script.removesuffix(".py"))
+    with pytest.raises(SystemExit) as exited:
+        try:
+            module.main(argv)
+        except UsageError as e:
+            sys.exit(f"{script}: error: {e}")
+    return str(exited.value.code)
