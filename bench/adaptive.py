@@ -26,28 +26,26 @@ PAPER_N, PAPER_IMAGES, PAPER_SIGMAS = 100_000, 500, 3
 
 
 def certify_all(classify, test, indices, argv: list[str], sigma: float, radii, num_classes: int, device, precision) -> dict:
-    """certify.py's per-image decision for every index; rows of (prediction, radius, samples, seconds, label)."""
+    """certify.py's per-image decision for every index: prediction, radius, samples, seconds, correct, and for
+    the fixed run the observed p_A = nA / n (what the projection replays)."""
     args = certify.parse_args(argv)
     rows = []
     for idx in indices:
         x, y = test.batch(torch.tensor([idx]))
         start = time.perf_counter()
         with torch.no_grad(), autocast(device, precision):
-            prediction, radius, used = certify.certify_image(classify, x[0], idx, args, sigma, radii, num_classes, None)
-        rows.append((prediction, radius, used, time.perf_counter() - start, int(y[0])))
+            if args.adaptive:
+                prediction, radius, used = certify.certify_image(classify, x[0], idx, args, sigma, radii, num_classes, None)
+                p_a = float("nan")
+            else:  # CERTIFY exactly as certify.certify_image runs it, keeping the counts
+                counts_of = lambda phase, num: certify.sample_counts(classify, x[0], num, args.batch, num_classes, args.seed, idx, phase)
+                counts, counts0 = counts_of("estimate", args.n), counts_of("select", args.n0)
+                (prediction, radius), used = certify.certify_from_counts(counts0, counts, args.n, args.alpha, sigma), args.n
+                p_a = counts[counts0.argmax()] / args.n
+        rows.append((prediction, radius, used, time.perf_counter() - start, int(y[0]), p_a))
     rows = np.array(rows, dtype=float)
-    return dict(predict=rows[:, 0], radius=rows[:, 1], samples=rows[:, 2], seconds=rows[:, 3], correct=(rows[:, 0] == rows[:, 4]) * 1.0)
-
-
-def estimation_wins(classify, test, indices, args, num_classes: int, device, precision) -> np.ndarray:
-    """nA / n of the fixed run for each image (cA from the selection samples): the observed p_A."""
-    p = []
-    for idx in indices:
-        x, _ = test.batch(torch.tensor([idx]))
-        with torch.no_grad(), autocast(device, precision):
-            c_a = certify.sample_counts(classify, x[0], args.n0, args.batch, num_classes, args.seed, idx, "select").argmax()
-            p.append(certify.sample_counts(classify, x[0], args.n, args.batch, num_classes, args.seed, idx, "estimate")[c_a] / args.n)
-    return np.array(p)
+    return dict(predict=rows[:, 0], radius=rows[:, 1], samples=rows[:, 2], seconds=rows[:, 3],
+                correct=(rows[:, 0] == rows[:, 4]) * 1.0, p_a=rows[:, 5])
 
 
 def projected_samples(p_a: np.ndarray, alpha: float, sigma: float, repeats: int = 20) -> float:
@@ -105,8 +103,7 @@ def main() -> None:
     print(f"saving at n = {args.n:,}: {(100 + fixed['samples'].mean()) / (100 + adaptive['samples'].mean()):.1f}x fewer samples, "
           f"{fixed['seconds'].mean() / adaptive['seconds'].mean():.1f}x less time; {rate:,.0f} samples/s")
 
-    p_a = estimation_wins(classify, test, indices, certify.parse_args(common), C, device, precision)
-    mean = projected_samples(p_a, args.alpha, sigma)
+    mean = projected_samples(fixed["p_a"], args.alpha, sigma)
     images = PAPER_IMAGES * PAPER_SIGMAS
     hours = lambda samples: images * (100 + samples) / rate / 3600
     print(f"projected for the paper's protocol (n = {PAPER_N:,}, {PAPER_IMAGES} images x {PAPER_SIGMAS} sigmas, this mix of "
