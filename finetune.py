@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--preset", default=None, help="with --init scratch: tiny, S, B or B-Deep")
     g.add_argument("--dataset", default="cifar10", choices=RECIPES, help="picks the recipe")
     g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
-    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images (quick trials)")
+    g.add_argument("--train-images", type=int, default=None, help="train on a fixed, seeded subset of N training images (quick trials)")
     g.add_argument("--sigma", type=float, default=0.25, help="noise std in pixel space [0, 1]")
     g.add_argument("--train-head", action="store_true", help="train the linear head of a pre-trained encoder (paper "
                    "text); the released code leaves it at its random init. Always trained with --init scratch")

@@ -71,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="cifar10", choices=("cifar10", "imagenet"), help="picks the recipe below")
     g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
-    g.add_argument("--train-images", type=int, default=None, help="use only the first N training images (quick trials)")
+    g.add_argument("--train-images", type=int, default=None, help="train on a fixed, seeded subset of N training images (quick trials)")
     g.add_argument("--preset", default="B", help="tiny, S, B or B-Deep (paper Table 3)")
     g = p.add_argument_group("optimisation (unset: the --dataset recipe's value)")
     g.add_argument("--steps", type=int, default=None, help=recipe_help("steps"))

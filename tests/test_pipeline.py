@@ -28,7 +28,8 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
     run_pretrain(cifar_dir, tmp_path / "pre")
     finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
-                   "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--no-compile", "--kernels", "torch"])
+                   "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--train-images", "40", "--no-compile", "--kernels", "torch"])
+    assert load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"), "finetune")["step"] == 2  # 40 of the 60 images: 2 steps
     tsv = tmp_path / "c.tsv"
     certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv),
                   "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", "--no-compile", "--kernels", "torch"])
