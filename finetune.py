@@ -44,16 +44,17 @@ COPIES = 2  # m noisy copies per image
 # The released recipes: the released README's command for each dataset and sigma, on top of
 # configs/cifar10_finetune.py and configs/imagenet_finetune.py.
 RECIPES = {
-    "cifar10": {sigma: dict(epochs=100, warmup_epochs=10, schedule_epochs=100, batch=1024, lr=2e-4,
+    "cifar10": {sigma: dict(epochs=100, warmup_epochs=10, schedule_epochs=None, batch=1024, lr=2e-4,
                             layer_decay=layer_decay, eta1=eta1, eta2=0.5, augment="weak", mixup=0.0, cutmix=0.0,
                             label_smoothing=0.0)
                 for sigma, eta1, layer_decay in ((0.25, 10.0, 0.75), (0.5, 20.0, 0.75), (1.0, 20.0, 0.65))},
-    "imagenet": {sigma: dict(epochs=epochs, warmup_epochs=5, schedule_epochs=150, batch=batch, lr=lr, layer_decay=0.65,
+    "imagenet": {sigma: dict(epochs=epochs, warmup_epochs=5, schedule_epochs=schedule, batch=batch, lr=lr, layer_decay=0.65,
                              eta1=eta1, eta2=0.5, augment=augment, mixup=0.8, cutmix=1.0, label_smoothing=smoothing)
-                 for sigma, epochs, batch, lr, augment, smoothing, eta1 in (
-                     (0.25, 150, 1024, 2e-4, "autoaug", 0.1, 10.0),
-                     (0.5, 50, 2048, 2e-4, "strong", 0.0, 20.0),
-                     (1.0, 150, 256, 1e-4, "weak", 0.0, 20.0))},
+                 for sigma, epochs, schedule, batch, lr, augment, smoothing, eta1 in (
+                     (0.25, 150, None, 1024, 2e-4, "autoaug", 0.1, 10.0),
+                     # the released 50-epoch run keeps its config's 150-epoch cosine (total_training_steps)
+                     (0.5, 50, 150, 2048, 2e-4, "strong", 0.0, 20.0),
+                     (1.0, 150, None, 256, 1e-4, "weak", 0.0, 20.0))},
 }
 
 
@@ -83,8 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group(f"optimisation ({unset})")
     g.add_argument("--epochs", type=int, default=None, help="cifar10 100; imagenet 150 / 50 / 150")
     g.add_argument("--warmup-epochs", type=int, default=None, help="cifar10 10; imagenet 5")
-    g.add_argument("--schedule-epochs", type=int, default=None, help="where the cosine reaches 0: cifar10 100; "
-                   "imagenet 150 (so the 50-epoch sigma 0.5 run ends at 78%% of its peak lr, as released)")
+    g.add_argument("--schedule-epochs", type=int, default=None, help="where the cosine reaches 0: --epochs, except "
+                   "imagenet at sigma 0.5: 150 (its 50-epoch run ends at 78%% of the peak lr, as released)")
     g.add_argument("--batch", type=int, default=None, help="global batch of images (each gets 2 noisy copies): "
                    "cifar10 1024; imagenet 1024 / 2048 / 256")
     g.add_argument("--lr", type=float, default=None, help="base lr, before scaling by batch / 256: cifar10 2e-4; "
@@ -116,7 +117,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in recipe(args.dataset, args.sigma).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.schedule_epochs = max(args.schedule_epochs, args.epochs) if args.schedule_epochs else args.epochs
+    args.schedule_epochs = max(args.schedule_epochs or args.epochs, args.epochs)
     for name in ("epochs", "batch", "eval_images", "log_every", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
