@@ -123,6 +123,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.train_images is not None and args.train_images < 1:
         p.error("--train-images must be >= 1")
+    if args.shards is not None and args.shards < 1:
+        p.error("--shards must be >= 1")
     if not (args.lr > 0 and math.isfinite(args.lr)):
         p.error(f"--lr must be > 0, got {args.lr}")
     if not 0 < args.layer_decay <= 1:

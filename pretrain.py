@@ -107,6 +107,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.train_images is not None and args.train_images < 1:
         p.error("--train-images must be >= 1")
+    if args.shards is not None and args.shards < 1:
+        p.error("--shards must be >= 1")
     for name in ("lr", "tau", "grad_clip", "ema_sharpness"):
         if not getattr(args, name) > 0:  # also rejects nan
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")

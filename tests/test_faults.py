@@ -164,6 +164,8 @@ def test_checkpoint_of_another_dataset_is_refused(cifar_dir, tmp_path):
     (["pretrain.py", "--steps", "-3"], "--steps must be >= 1"),
     (["pretrain.py", "--lr", "nan"], "--lr must be > 0"),
     (["pretrain.py", "--train-images", "0"], "--train-images must be >= 1"),
+    (["pretrain.py", "--shards", "0"], "--shards must be >= 1"),
+    (["finetune.py", "--shards", "-2"], "--shards must be >= 1"),
     (["finetune.py", "--lr", "-1"], "--lr must be > 0"),
     (["finetune.py", "--lr", "nan"], "--lr must be > 0"),
     (["finetune.py", "--eta1", "-50"], "--eta1 must be >= 0"),
