@@ -33,9 +33,9 @@ import torch.nn.functional as F
 import kernels
 from augment import mixup_cutmix
 from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, local_shards, seeded_noise
-from jobs import (Progress, StopSignal, check_out_dir, clock, close_processes, forward_seconds_per_image, init_distributed,
+from jobs import (Progress, StopSignal, add_run_flags, check_out_dir, clock, close_processes, forward_seconds_per_image, init_distributed,
                   run_log)
-from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_checkpoint, model_args,
+from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_checkpoint, model_args,
                    model_from_checkpoint, noisy_input, resolve_precision, resume_checkpoint, save_checkpoint,
                    select_kernels, smoothing_time, to_model_space, vit_config)
 
@@ -101,16 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
     g.add_argument("--eval-images", type=int, default=10_000, help="test images for the per-epoch accuracies")
-    g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
-    g.add_argument("--shards", type=int, default=None, help="independent random streams per step (unset: the number "
-                   "of processes); runs with equal --shards agree whatever the number of processes dividing it")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints (also at each epoch end and on SIGINT/SIGTERM)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the model")
-    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
+    add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM", "model")
     args = p.parse_args(argv)
     if not (args.sigma > 0 and math.isfinite(args.sigma)):  # also rejects nan
         p.error(f"--sigma must be > 0 and finite, got {args.sigma}")

@@ -6,6 +6,7 @@ sets a flag; the training loop finishes the step it is in, writes a checkpoint a
 and exits, and `--resume` continues exactly where it stopped. A second signal during that save gets the
 default behaviour (the checkpoint on disk is then the previous one, never a torn file).
 """
+import argparse
 import os
 import signal
 import sys
@@ -50,6 +51,22 @@ class StopSignal:
               file=sys.stderr, flush=True)
         close_processes()
         sys.exit(128 + max(self.signum, 1))
+
+
+def add_run_flags(g, save_every: int, save_when: str, compiled: str) -> None:
+    """The flags both trainers share: seed and shards, logging, checkpoints, compilation, kernels, precision."""
+    import kernels
+    from model import PRECISIONS
+    g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
+    g.add_argument("--shards", type=int, default=None, help="independent random streams per step (unset: the number "
+                   "of processes); runs with equal --shards agree whatever the number of processes dividing it")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
+    g.add_argument("--save-every", type=int, default=save_every, help=f"steps between checkpoints ({save_when})")
+    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=f"torch.compile the {compiled}")
+    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
 
 
 def clock(seconds: float) -> str:

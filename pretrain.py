@@ -35,9 +35,9 @@ import torch.nn.functional as F
 
 import kernels
 from data import Images, batch_indices, generator, local_shards
-from jobs import (Progress, StopSignal, check_out_dir, clock, close_processes, forward_seconds_per_image, gather_rows,
+from jobs import (Progress, StopSignal, add_run_flags, check_out_dir, clock, close_processes, forward_seconds_per_image, gather_rows,
                   init_distributed, run_log)
-from model import (PRECISIONS, SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
+from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
                    resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
@@ -88,16 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "released code's two directions summed, 2 : 1)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
-    g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
-    g.add_argument("--shards", type=int, default=None, help="independent random streams per step (unset: the number "
-                   "of processes); runs with equal --shards agree whatever the number of processes dividing it")
-    g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
-    g.add_argument("--save-every", type=int, default=5000, help="steps between checkpoints (also the last, and on SIGINT/SIGTERM)")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the step")
-    g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
-                   help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
+    add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM", "step")
     args = p.parse_args(argv)
     for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
         if getattr(args, key, None) is None:
