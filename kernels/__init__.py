@@ -44,7 +44,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
-    """Per-row InfoNCE loss [B], Eq. (7)-(8): row i's positive is k[offset + i], the other keys are negatives."""
+    """Per-row InfoNCE loss [B], Eq. (7)-(8): row i's positive is k[offset + i], the other keys are negatives.
+    q and k may differ in dtype (a bf16 query against fp32 keys): the loss is computed in, and returned in,
+    the wider one."""
     return info_nce_triton(q, k, tau, offset) if _fused(q) else info_nce_reference(q, k, tau, offset)
 
 

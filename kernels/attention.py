@@ -8,6 +8,7 @@ Shapes: q, k, v are [B, H, L, D]. L need not be a multiple of the block (rRCM us
 64 patches + class + time token, and 198 on ImageNet); D is any size up to 128 (padded to a power of two
 inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
 
+fp32 products are 3xTF32 (launch.dot_precision), bf16 and fp16 ones go to the tensor cores as they are.
 Autotune configs below are an untuned first guess: no GPU has been available to tune them yet; they are
 only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the
 first config is used as is.
@@ -18,15 +19,24 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, tile, upcast
+from .launch import autotuned, dot_precision, tile, upcast
 
 LOG2E = 1.4426950408889634
 
-# (BLOCK_M query rows, BLOCK_N key rows, warps, stages), shared by the three kernels. Unmeasured guesses,
-# kept to the ones that compile without register spills for sm_80 and sm_90a in bf16 and fp32 at head dims
-# 32 and 64 (tests/test_gpu_compile.py; 64 x 64 spilled in dk/dv). The first is the interpreter's: small,
-# so the CPU tests loop over several tiles.
-CONFIGS = [(32, 32, 4, 2), (64, 32, 4, 2)]
+# (BLOCK_M query rows, BLOCK_N key rows, warps, stages) of each kernel. Unmeasured guesses (no GPU has run
+# them yet), kept to those that compile without register spills for sm_80 and sm_90a, in bf16 and in fp32
+# (3xTF32, launch.dot_precision: about twice bf16's registers per tile), at head dims 32 and 64, under
+# Triton 3.6 and 3.9 (tests/test_gpu_compile.py; bench/README.md has the table). What spilled: 32 x 32 with
+# 4 warps in the forward (bf16, D_PAD 32, sm_80, Triton 3.6), and every dk/dv tile over 16 x 32 or 32 x 16
+# in fp32. Larger bf16 tiles compile but would need their own fp32 list; a GPU measurement should decide.
+FWD_CONFIGS = [(64, 16, 4, 2), (32, 16, 4, 2)]
+DKDV_CONFIGS = [(16, 32, 4, 2), (32, 16, 4, 2)]
+DQ_CONFIGS = [(32, 32, 8, 2), (32, 16, 4, 2)]
+# Under the interpreter (CPU tests) every kernel takes 128 query x 64 key rows: at L = 66, CIFAR-10's sequence, the
+# forward and dq are one program per head looping over two key tiles (a partial one), dk/dv two programs with
+# one masked query tile, where the configs above make 5-15 programs x iterations per head. The interpreter runs
+# every program in Python (~10 ms each), so this is what keeps tests/test_gpu_path.py affordable.
+INTERPRETER = (128, 64)
 
 
 @triton.jit
@@ -45,7 +55,8 @@ def _program(L, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
-                D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -62,13 +73,13 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
         key_ok = keys < L
         k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
         v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * D + cols[None, :], acc.to(O.dtype.element_ty),
@@ -79,7 +90,8 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
-                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                     PRECISION: tl.constexpr):
     # One program owns BLOCK_N keys and sweeps all queries, so dk and dv are written once (no atomics).
     bh, pid_n = _program(L, BLOCK_N)
     base = bh.to(tl.int64) * L * D
@@ -100,20 +112,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
         # lse = +inf on padded rows makes their p exactly 0.
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.exp2(s - lse[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do)
-        dp = tl.dot(do, tl.trans(v))
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(DK + base + keys[:, None] * D + cols[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + keys[:, None] * D + cols[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
-                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                   PRECISION: tl.constexpr):
     bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,19 +144,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
         key_ok = keys < L
         k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
         v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
         p = tl.exp2(s - lse[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     tl.store(DQ + base + rows[:, None] * D + cols[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
 BLOCKS, _KEY = ("BLOCK_M", "BLOCK_N"), ["L", "D_PAD"]
-_fwd, _fwd_blocks = autotuned(_fwd_kernel, BLOCKS, CONFIGS, _KEY)
-_bwd_dkdv, _bwd_dkdv_blocks = autotuned(_bwd_dkdv_kernel, BLOCKS, CONFIGS, _KEY)
-_bwd_dq, _bwd_dq_blocks = autotuned(_bwd_dq_kernel, BLOCKS, CONFIGS, _KEY)
+_fwd, _fwd_blocks = autotuned(_fwd_kernel, BLOCKS, FWD_CONFIGS, _KEY, INTERPRETER)
+_bwd_dkdv, _bwd_dkdv_blocks = autotuned(_bwd_dkdv_kernel, BLOCKS, DKDV_CONFIGS, _KEY, INTERPRETER)
+_bwd_dq, _bwd_dq_blocks = autotuned(_bwd_dq_kernel, BLOCKS, DQ_CONFIGS, _KEY, INTERPRETER)
 
 
 def grid(L: int, BH: int, block: int) -> tuple[int]:
@@ -159,46 +172,55 @@ def _grid_of(block: str, L: int, BH: int):
 
 
 # Registered as custom ops (forward and backward), so torch.compile keeps each one as a single opaque node
-# instead of tracing into the kernel launch, on a GPU and under the CPU interpreter alike.
+# instead of tracing into the kernel launch, on a GPU and under the CPU interpreter alike. Every output is a
+# new contiguous tensor whatever the inputs' strides (model.py passes q, k, v as strided views of one qkv
+# projection), and each fake says exactly that: Inductor checks the real outputs against the fake's strides.
 @torch.library.custom_op("rrcm::attention_fwd", mutates_args=())
 def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output [B, H, L, D] in q's dtype, row log-sum-exp [B * H, L] in fp32, log2 units)."""
     B, H, L, D = q.shape
     if D > 128:
         raise ValueError(f"fused attention supports head dim <= 128, got {D}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"fused attention needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    o = torch.empty_like(q)
-    lse = torch.empty(B * H, L, device=q.device, dtype=torch.float32)
+    o, lse = _attention_fwd_outputs(q, k, v)
     scale = 1.0 / math.sqrt(D)
-    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
+    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q),
+                                        PRECISION=dot_precision(q), **_fwd_blocks)
     return o, lse
 
 
-@_attention_fwd.register_fake
-def _(q, k, v):
+def _attention_fwd_outputs(q, k, v) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, L, _ = q.shape
-    return torch.empty_like(q), q.new_empty(B * H, L, dtype=torch.float32)
+    return q.new_empty(q.shape), q.new_empty(B * H, L, dtype=torch.float32)
+
+
+_attention_fwd.register_fake(_attention_fwd_outputs)
 
 
 @torch.library.custom_op("rrcm::attention_bwd", mutates_args=())
 def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                    lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous, each in its input's dtype."""
     B, H, L, D = q.shape
-    do, q, k, v = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous()
+    do, q, k, v, lse = do.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), lse.contiguous()
     # delta_i = sum_d dO_id O_id: the row term of the softmax Jacobian, cheap enough for torch.
     delta = (do.float() * o.float()).sum(-1).reshape(B * H, L)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _attention_bwd_outputs(do, q, k, v, o, lse)
     scale = 1.0 / math.sqrt(D)
     args = (L, D, scale * LOG2E, scale)
-    _bwd_dkdv[_grid_of("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
-                                             **_bwd_dkdv_blocks)
-    _bwd_dq[_grid_of("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, D_PAD=d_pad(D), UPCAST=upcast(q),
-                                           **_bwd_dq_blocks)
+    consts = dict(D_PAD=d_pad(D), UPCAST=upcast(q), PRECISION=dot_precision(q))
+    _bwd_dkdv[_grid_of("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, **consts, **_bwd_dkdv_blocks)
+    _bwd_dq[_grid_of("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, **consts, **_bwd_dq_blocks)
     return dq, dk, dv
 
 
-@_attention_bwd.register_fake
-def _(do, q, k, v, o, lse):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _attention_bwd_outputs(do, q, k, v, o, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+_attention_bwd.register_fake(_attention_bwd_outputs)
 
 
 def d_pad(D: int) -> int:

@@ -44,25 +44,29 @@ def grid(B: int) -> tuple[int]:
     return (B,)
 
 
-# A custom op (see attention.py): torch.compile keeps it as one opaque node.
+# A custom op (see attention.py): torch.compile keeps it as one opaque node. Its outputs are new contiguous
+# tensors whatever the logits' strides; the fake allocates them with the same function.
 @torch.library.custom_op("rrcm::cross_entropy_fwd", mutates_args=())
 def _cross_entropy_fwd(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss, d loss / d logits)."""
+    """(per-row loss [B], d loss / d logits [B, C]), both in the logits' dtype."""
     B, C = logits.shape
     if C > MAX_CLASSES:
         raise ValueError(f"fused cross-entropy supports at most {MAX_CLASSES} classes, got {C}")
     logits = logits.contiguous()
-    loss = torch.empty(B, device=logits.device, dtype=torch.float32)
-    grad = torch.empty_like(logits)
+    loss, grad = _cross_entropy_fwd_outputs(logits, y)
+    loss32 = torch.empty(B, device=logits.device, dtype=torch.float32)
     block = block_size(C)
     warps = 1 if INTERPRET else num_warps(block)
-    _cross_entropy_kernel[grid(B)](logits, y.contiguous(), loss, grad, C, BLOCK_C=block, num_warps=warps)
-    return loss.to(logits.dtype), grad
+    _cross_entropy_kernel[grid(B)](logits, y.contiguous(), loss32, grad, C, BLOCK_C=block, num_warps=warps)
+    loss.copy_(loss32)
+    return loss, grad
 
 
-@_cross_entropy_fwd.register_fake
-def _(logits, y):
-    return logits.new_empty(logits.shape[0]), torch.empty_like(logits)
+def _cross_entropy_fwd_outputs(logits, y) -> tuple[torch.Tensor, torch.Tensor]:
+    return logits.new_empty(logits.shape[0]), logits.new_empty(logits.shape)
+
+
+_cross_entropy_fwd.register_fake(_cross_entropy_fwd_outputs)
 
 
 def _cross_entropy_setup(ctx, inputs, output):

@@ -11,31 +11,36 @@ Gradients, with g_i the incoming gradient of loss_i and p_ij = softmax_j(q_i . k
     dq_i = g_i / tau * (sum_j p_ij k_j - k_pos(i))
     dk_j = 1 / tau * (sum_i g_i p_ij q_i - g_i q_i [j = pos(i)])
 The sums are one kernel run twice (rows = queries, then rows = keys); the positive terms are O(B D)
-and done in torch. Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
+and done in torch. q and k may come in different dtypes (a bf16 query under autocast, fp32 gathered keys):
+both are cast to the wider one before launch; the loss comes back in fp32. fp32 products are 3xTF32
+(launch.dot_precision). Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
 without spills (see bench/README.md).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, tile, upcast
+from .launch import autotuned, dot_precision, tile, upcast
 
 LOG2E = 1.4426950408889634
 
-# Unmeasured guesses, kept to those that compile without register spills for sm_80 and sm_90a in bf16 and
-# fp32 (tests/test_gpu_compile.py: 64 x 64 x 64 with 4 warps spilled, and every 4-warp 128-column weighted
-# sum in fp32). The first config is the interpreter's: small, so the CPU tests loop over several tiles.
+# Unmeasured guesses (no GPU has run them yet), kept to those that compile without register spills for sm_80
+# and sm_90a in bf16 and in fp32 (3xTF32, launch.dot_precision), under Triton 3.6 and 3.9
+# (tests/test_gpu_compile.py; bench/README.md has the table). In fp32, 64 x 128 x 64 (lse) and 64 x 64 x 64
+# x 128 (weighted sum) spilled; a 32-wide reduction chunk is what fits. The first config is the
+# interpreter's: small, so the CPU tests loop over several tiles.
 # (BLOCK_R rows, BLOCK_C columns, BLOCK_D reduction chunk, warps, stages)
 FWD_BLOCKS = ("BLOCK_R", "BLOCK_C", "BLOCK_D")
-FWD_CONFIGS = [(32, 32, 32, 4, 2), (64, 128, 64, 8, 3)]
+FWD_CONFIGS = [(32, 32, 32, 4, 2), (128, 64, 32, 8, 3)]
 # (BLOCK_R, BLOCK_C, BLOCK_D, BLOCK_O output columns, warps, stages)
 BWD_BLOCKS = ("BLOCK_R", "BLOCK_C", "BLOCK_D", "BLOCK_O")
-BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 64, 64, 128, 8, 3)]
+BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 32, 32, 128, 8, 3)]
 
 
 @triton.jit
 def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
-            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+            PRECISION: tl.constexpr):
     """s[r, c] = (A[r] . Bm[c]) * scale_log2, reducing over D in chunks (D may be 768: too wide for one tile)."""
     s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -43,13 +48,14 @@ def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
         d_ok = d < D
         a = tile(tl.load(A + rows[:, None].to(tl.int64) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
         b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
-        s += tl.dot(a, tl.trans(b))
+        s += tl.dot(a, tl.trans(b), input_precision=PRECISION)
     return s * scale_log2
 
 
 @triton.jit
 def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
+                PRECISION: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -57,7 +63,7 @@ def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
     for c0 in range(0, M, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < M
-        s = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
+        s = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -68,7 +74,8 @@ def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
 @triton.jit
 def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
                          LSE_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, UPCAST: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, UPCAST: tl.constexpr,
+                         PRECISION: tl.constexpr):
     """OUT[r, o] = sum_c w * exp2(s[r, c] - lse) * Bm[c, o] over one tile of output columns o.
     LSE_ON_ROWS: rows are queries (lse and g belong to r; gives dq). Otherwise rows are keys and the
     softmax normaliser and weight belong to the column c (gives dk)."""
@@ -83,7 +90,7 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
-        s = _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
+        s = _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
         if LSE_ON_ROWS:
             p = tl.exp2(s - lse_r[:, None])
         else:
@@ -92,7 +99,7 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
             p = tl.exp2(s - lse_c[None, :]) * g_c[None, :]
         p = tl.where(col_ok[None, :], p, 0.0)
         b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + outs[None, :], mask=col_ok[:, None] & out_ok[None, :], other=0.0), UPCAST)
-        acc += tl.dot(p.to(b.dtype), b)
+        acc += tl.dot(p.to(b.dtype), b, input_precision=PRECISION)
     if LSE_ON_ROWS:
         acc = acc * g_r[:, None]
     tl.store(OUT + rows[:, None].to(tl.int64) * D + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
@@ -115,50 +122,76 @@ def weighted_sum_grid(R: int, D: int, meta: dict) -> tuple[int, int]:
 def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.Tensor:
     out = torch.empty(a.shape, device=a.device, dtype=torch.float32)
     _wsum[lambda meta: weighted_sum_grid(a.shape[0], a.shape[1], meta)](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
-                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), **_wsum_blocks)
+                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), PRECISION=dot_precision(a), **_wsum_blocks)
     return out
 
 
-# Custom ops (see attention.py): torch.compile keeps each as one opaque node.
+def _common(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q and k contiguous in one dtype, the wider of the two (torch.promote_types): tl.dot needs operands of
+    one dtype, and a bf16 query (autocast) against fp32 gathered keys is then computed in fp32, as the
+    reference computes it, never rounded down to bf16."""
+    dtype = torch.promote_types(q.dtype, k.dtype)
+    return q.to(dtype).contiguous(), k.to(dtype).contiguous()
+
+
+# Custom ops (see attention.py): torch.compile keeps each as one opaque node. Outputs are new contiguous
+# tensors; each fake allocates them with the same function as the op, so their layout and dtype agree.
 @torch.library.custom_op("rrcm::info_nce_fwd", mutates_args=())
 def _info_nce_fwd(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss, row log-sum-exp in log2 units)."""
+    """(per-row loss [B] in fp32, row log-sum-exp [B] in fp32, log2 units)."""
     B, D = q.shape
-    q, k = q.contiguous(), k.contiguous()
-    lse2 = torch.empty(B, device=q.device, dtype=torch.float32)
-    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
+    q, k = _common(q, k)
+    loss, lse2 = _info_nce_fwd_outputs(q, k, tau, offset)
+    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q),
+                                         PRECISION=dot_precision(q), **_lse_blocks)
     positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
-    return (lse2 / LOG2E - positive).to(q.dtype), lse2
+    loss.copy_(lse2 / LOG2E - positive)
+    return loss, lse2
 
 
-@_info_nce_fwd.register_fake
-def _(q, k, tau, offset):
-    return q.new_empty(q.shape[0]), q.new_empty(q.shape[0], dtype=torch.float32)
+def _info_nce_fwd_outputs(q, k, tau, offset) -> tuple[torch.Tensor, torch.Tensor]:
+    B = q.shape[0]
+    # The loss in fp32 (float64 for gradcheck) whatever the inputs: it is computed in fp32, and a bf16 loss would
+    # round what the scripts log and sum to 3 significant digits.
+    loss_dtype = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)
+    return q.new_empty(B, dtype=loss_dtype), q.new_empty(B, dtype=torch.float32)
+
+
+_info_nce_fwd.register_fake(_info_nce_fwd_outputs)
 
 
 @torch.library.custom_op("rrcm::info_nce_dq", mutates_args=())
 def _info_nce_dq(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.Tensor, tau: float, offset: int) -> torch.Tensor:
-    g, q, k = g.float().contiguous(), q.contiguous(), k.contiguous()
-    dq = _weighted_sum(q, k, lse2, g, True, LOG2E / tau) - g[:, None] * k[offset:offset + q.shape[0]].float()
-    return (dq / tau).to(q.dtype)
+    """d loss / dq [B, D] in q's dtype, contiguous."""
+    dq = _info_nce_dq_outputs(g, q, k, lse2, tau, offset)
+    g, (q, k), lse2 = g.float().contiguous(), _common(q, k), lse2.contiguous()
+    dq.copy_((_weighted_sum(q, k, lse2, g, True, LOG2E / tau) - g[:, None] * k[offset:offset + q.shape[0]].float()) / tau)
+    return dq
 
 
-@_info_nce_dq.register_fake
-def _(g, q, k, lse2, tau, offset):
-    return torch.empty_like(q)
+def _info_nce_dq_outputs(g, q, k, lse2, tau, offset) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+_info_nce_dq.register_fake(_info_nce_dq_outputs)
 
 
 @torch.library.custom_op("rrcm::info_nce_dk", mutates_args=())
 def _info_nce_dk(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.Tensor, tau: float, offset: int) -> torch.Tensor:
-    g, q, k = g.float().contiguous(), q.contiguous(), k.contiguous()
+    """d loss / dk [M, D] in k's dtype, contiguous."""
+    dk_out = _info_nce_dk_outputs(g, q, k, lse2, tau, offset)
+    g, (q, k), lse2 = g.float().contiguous(), _common(q, k), lse2.contiguous()
     dk = _weighted_sum(k, q, lse2, g, False, LOG2E / tau)
     dk[offset:offset + q.shape[0]] -= g[:, None] * q.float()
-    return (dk / tau).to(k.dtype)
+    dk_out.copy_(dk / tau)
+    return dk_out
 
 
-@_info_nce_dk.register_fake
-def _(g, q, k, lse2, tau, offset):
-    return torch.empty_like(k)
+def _info_nce_dk_outputs(g, q, k, lse2, tau, offset) -> torch.Tensor:
+    return k.new_empty(k.shape)
+
+
+_info_nce_dk.register_fake(_info_nce_dk_outputs)
 
 
 def _info_nce_setup(ctx, inputs, output):
@@ -178,13 +211,14 @@ _info_nce_fwd.register_autograd(_info_nce_backward, setup_context=_info_nce_setu
 
 
 def info_nce_triton(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
-    """Per-row InfoNCE loss [B] of Eq. (7)-(8); fused, never stores the B x M similarities."""
+    """Per-row InfoNCE loss [B] of Eq. (7)-(8); fused, never stores the B x M similarities. q and k may differ
+    in dtype: both are computed in the wider one; the loss comes back in fp32."""
     return _info_nce_fwd(q, k, float(tau), int(offset))[0]
 
 
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
     """Plain PyTorch InfoNCE (stores the B x M logits), the definition the kernel is tested against."""
-    wide = torch.promote_types(q.dtype, torch.float32)  # fp32 math, float64 kept for gradcheck
+    wide = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)  # fp32 (float64 for gradcheck)
     logits = q.to(wide) @ k.to(wide).T / tau
     positive = logits[torch.arange(q.shape[0], device=q.device), offset + torch.arange(q.shape[0], device=q.device)]
-    return (torch.logsumexp(logits, dim=1) - positive).to(q.dtype)
+    return torch.logsumexp(logits, dim=1) - positive  # in fp32, as the fused op returns it
