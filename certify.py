@@ -1,5 +1,9 @@
 """Stage 3: certify the fine-tuned classifier with randomized smoothing (Cohen et al. 2019).
 
+The statistics and the noise loop are the library `smoothing.py` (CERTIFY, PREDICT, adaptive CERTIFY for any
+base classifier); this script is the job around it: the checkpoint and test images, the results files,
+processes, resume and progress. rRCM is wrapped as a base classifier of noisy pixels (`RRCMClassifier`).
+
 CERTIFY, for each test image x:
   1. draw n0 noisy copies x + sigma * eps, take the most frequent class cA (selection);
   2. draw n fresh copies, count nA = how often cA wins (estimation);
@@ -9,19 +13,23 @@ Guarantee: with probability at least 1 - alpha over the noise, the smoothed clas
 every x' with ||x' - x||_2 < radius, and (when it does not abstain) it is g's prediction at x.
 PREDICT (--predict): n copies, return the top class unless a two-sided binomial test of the top two
 counts has p-value > alpha (abstain); with probability >= 1 - alpha it does not return a wrong g(x).
-Adaptive CERTIFY (--adaptive): the n estimation samples are drawn in stages and sampling stops once more
-samples cannot change the certified-accuracy table at the reported radii; see `certify_adaptive`.
+Adaptive CERTIFY (--adaptive): the n estimation samples are looked at after 100, 200, 400, 800, ... and
+sampling stops once more samples cannot change the image's row of the certified-accuracy table at the
+reported radii, with the same guarantee; see `smoothing.certify_adaptive` for the price.
 
-Noise is N(0, sigma^2) in pixel space [0, 1] (sigma is where radii are measured; see model.py) and is
-seeded per (image index, phase, chunk of 100 samples): results do not depend on --batch or on how
-many processes share the images.
+Every --sigma is certified in turn, each into its own TSV (--out c.tsv: c_sigma0.25.tsv, ...); the default is
+the released certify.py's 0.25, 0.5 and 1.0 (paper Table 9 crosses them with the fine-tuning sigmas; Table 2
+is the best of the grid). Noise is N(0, sigma^2) in pixel space [0, 1] (where radii are measured; see
+model.py), one stream per (image index, phase, chunk of 100 samples) that no other chunk of the image shares
+(smoothing.stream_seed): results do not depend on --batch or on how many processes share the images.
+Everything is checked (flags, checkpoint, test images, existing results) before anything is written.
 
-    python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --sigma 0.25 --n 100000
-    python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --sigma 0.25 --n 100000 --adaptive
+    python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --n 100000              # sigma 0.25, 0.5, 1.0
+    python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --sigma 0.25 --adaptive
     torchrun --standalone --nproc_per_node=8 -- certify.py --checkpoint ... --sigma 0.25
-Output: a TSV `idx label predict radius correct time` (adaptive runs add `samples`, the estimation samples
-drawn), appended and flushed per image; re-running the same command continues after a kill or Ctrl-C.
-One run writes a file at a time (a lock beside it). Then a table of certified accuracy by radius.
+Output: per sigma a TSV `idx label predict radius correct time` (adaptive runs add `samples`, the estimation
+samples drawn), appended and flushed per image; re-running the same command continues after a kill or
+Ctrl-C. One run writes a file at a time (a lock beside it). Then a table of certified accuracy by radius.
 """
 import argparse
 import contextlib
@@ -32,60 +40,73 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
-from decimal import ROUND_FLOOR, Decimal
-from statistics import NormalDist
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from scipy.stats import beta, binomtest
 
 import kernels
-from data import Images, seeded_noise
-from model import (PRECISIONS, UsageError, autocast, load_checkpoint, model_from_checkpoint, noisy_input, resolve_precision,
-                   select_kernels)
+import smoothing
+from data import Images
 from jobs import clock, init_distributed
-from report import ADAPTIVE_HEADER, HEADER, ReportError, check_rows, summary
+from model import (PRECISIONS, UsageError, load_checkpoint, model_from_checkpoint, resolve_precision, select_kernels,
+                   smoothing_time, to_model_space)
+from report import ADAPTIVE_HEADER, HEADER, ReportError, check_rows, read_tsv, summary, table
+from smoothing import CHUNK, AdaptivePlan, Smooth
 
-NOISE_CHUNK = 100  # samples per noise seed; --batch and the adaptive stages are multiples, so no chunk is split
-ABSTAIN = -1
+PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as of Dec 2024 and today)
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}  # Carlini et al. 2022: 500 of CIFAR-10's 10k, 500 of ImageNet's 50k
-RADIUS_STEP = 0.25  # the paper's tables report certified accuracy at 0, 0.25, 0.5, ...
+PAPER_RADII = {"cifar10": [0.0, 0.25, 0.5, 0.75, 1.0],  # the radii of the paper's tables (Tables 1, 2, 9)
+               "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
+NOISE = "smoothing.stream_seed"  # recorded in each .json: files written with the old per-chunk seeds are not continued
 PROGRESS_EVERY = 30.0  # seconds between progress lines inside one long image
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}  # Ctrl-C, and what cluster schedulers send before preemption
-PHI = NormalDist()  # the standard normal: PHI.cdf, PHI.inv_cdf (exact to double precision, and fast for scalars)
+
+
+def _sigmas(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="randomized-smoothing certification", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.error = lambda msg: sys.exit(f"certify.py: error: {msg}")
     p.add_argument("--checkpoint", default="out/finetune_sigma0.25/ckpt.pt", help="a finetune.py checkpoint")
-    p.add_argument("--sigma", type=float, default=None, help="smoothing noise std in pixel space; default: the fine-tuning sigma")
+    p.add_argument("--sigma", type=_sigmas, default=PAPER_SIGMAS, help="smoothing noise stds in pixel space, comma-separated, "
+                                                                      "certified in turn, one TSV each (the released grid)")
     p.add_argument("--n0", type=int, default=100, help="selection samples")
     p.add_argument("--n", type=int, default=100_000, help="estimation samples (adaptive: at most)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
     p.add_argument("--predict", action="store_true", help="run PREDICT instead of CERTIFY")
     p.add_argument("--adaptive", action="store_true", help="stop sampling an image once more samples cannot change its row of the "
-                                                              "certified-accuracy table (alpha split over the stages)")
+                                                              "certified-accuracy table (alpha split over the looks)")
     p.add_argument("--stages", default=None, help="adaptive: comma-separated sample counts of the looks before n (multiples of 100); "
-                                                  "default n/100, n/10")
-    p.add_argument("--radii", default=None, help="adaptive: comma-separated radii the table reports; default 0, 0.25, ... up to "
-                                                 "the largest radius n samples can certify")
+                                                  "default 100, 200, 400, 800, ... (doubling) below n")
+    p.add_argument("--radii", default=None, help="adaptive: comma-separated radii the table reports (at most 4 decimals); default "
+                                                 "the paper's: CIFAR-10 0, 0.25, ..., 1.0, ImageNet 0, 0.5, ..., 3.0; radii "
+                                                 "above what n samples can certify at that sigma are left out")
     p.add_argument("--num", type=int, default=500, help="how many test images")
     p.add_argument("--skip", type=int, default=None, help="certify every skip-th test image; default 20 for CIFAR-10 (500 of 10k), "
                                                           "100 for ImageNet (500 of 50k)")
     p.add_argument("--batch", type=int, default=1000, help="noisy copies per forward pass (multiple of 100)")
     p.add_argument("--data-dir", default="data", help="where the test images are (CIFAR-10 is downloaded there if missing)")
-    p.add_argument("--out", default=None, help="TSV path; default out/certify/<checkpoint dir>_sigma<sigma>.tsv")
+    p.add_argument("--out", default=None, help="TSV path; with several sigmas _sigma<sigma> goes before its extension (c.tsv: "
+                                               "c_sigma0.25.tsv, ...); default out/certify/<checkpoint dir>_sigma<sigma>.tsv")
     p.add_argument("--seed", type=int, default=0, help="seed of the smoothing noise")
     p.add_argument("--precision", choices=PRECISIONS, default="auto", help="bf16 autocast or fp32; auto: bf16 where the "
                                                                             "hardware has native bf16 (CUDA, AMX/AVX512-BF16 CPUs)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the noise loop")
     p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or the PyTorch reference")
-    args = p.parse_args(argv)
-    if args.sigma is not None and not (math.isfinite(args.sigma) and args.sigma > 0):
-        p.error(f"--sigma must be > 0 and finite, got {args.sigma}")
+    args = p.parse_args(argv)  # argparse passes the default string through `type` too
+    if not all(math.isfinite(s) and s > 0 for s in args.sigma):
+        p.error(f"--sigma must be > 0 and finite, got {','.join(f'{s:g}' for s in args.sigma)}")
+    if len(set(args.sigma)) != len(args.sigma):
+        p.error(f"--sigma lists a value twice: {','.join(f'{s:g}' for s in args.sigma)}")
+    for path in [out_path(args, s) for s in args.sigma] if args.out else ():
+        if os.path.isdir(path):
+            p.error(f"--out {path} is a directory; give a file name for the TSV")
     for name in ("n0", "n", "num", "batch"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1")
@@ -93,8 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--skip must be >= 1")
     if not 0 < args.alpha < 1:
         p.error(f"--alpha must be in (0, 1), got {args.alpha}")
-    if args.batch % NOISE_CHUNK:
-        p.error(f"--batch must be a multiple of {NOISE_CHUNK}, got {args.batch}")
+    if args.batch % CHUNK:
+        p.error(f"--batch must be a multiple of {CHUNK}, got {args.batch}")
     if (args.stages is not None or args.radii is not None) and not args.adaptive:
         p.error("--stages and --radii need --adaptive")
     if args.adaptive and args.predict:
@@ -102,141 +123,63 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.adaptive:
         try:
             args.stages = adaptive_stages(args.n, args.stages)
-            args.radii = None if args.radii is None else sorted({float(r) for r in args.radii.split(",")})
+            args.radii = None if args.radii is None else parse_radii(args.radii)
         except ValueError as e:
             p.error(str(e))
-        if args.radii is not None and not all(math.isfinite(r) and r >= 0 for r in args.radii):
-            p.error(f"--radii must be finite and >= 0, got {args.radii}")
     return args
 
 
-# ----------------------------------------------------------------------------------------------------
-# Statistics
-
-def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k successes in n."""
-    return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
-
-
-def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
-    """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion from k successes in n."""
-    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
-
-
-def certify_from_counts(counts0: np.ndarray, counts: np.ndarray, n: int, alpha: float, sigma: float) -> tuple[int, float]:
-    """CERTIFY's decision from the selection counts and the (independent) estimation counts."""
-    c_a = int(counts0.argmax())
-    p_a = lower_confidence_bound(int(counts[c_a]), n, alpha)
-    if p_a < 0.5:
-        return ABSTAIN, 0.0
-    return c_a, sigma * float(PHI.inv_cdf(p_a))
-
-
-def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
-    """PREDICT's decision: the top class, unless the top two are not separated at level alpha."""
-    top2 = np.argsort(counts)[::-1][:2]
-    n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
-    return ABSTAIN if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha else int(top2[0])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Adaptive CERTIFY: the same estimation samples, drawn in stages, with early stopping
-
 def adaptive_stages(n: int, stages: str | None) -> list[int]:
-    """The looks n_1 < ... < n_K = n. Each is a multiple of NOISE_CHUNK, so stage k's samples are exactly the
-    first n_k samples of a fixed-n run: an adaptive run that goes to n sees the very counts CERTIFY sees."""
+    """The looks n_1 < ... < n_K = n, multiples of CHUNK, so that look k's samples are exactly the first n_k
+    samples of a fixed-n run: an adaptive run that goes to n sees the very counts CERTIFY sees."""
+    if n % CHUNK:
+        raise ValueError(f"--adaptive needs --n to be a multiple of {CHUNK}, got {n}")
     if stages is None:
-        looks = [n // 100 // NOISE_CHUNK * NOISE_CHUNK, n // 10 // NOISE_CHUNK * NOISE_CHUNK]
-    else:
+        return smoothing.default_looks(n)
+    try:
         looks = [int(s) for s in stages.split(",")]
-    if any(s < NOISE_CHUNK or s % NOISE_CHUNK for s in looks if stages is not None):
-        raise ValueError(f"--stages must be multiples of {NOISE_CHUNK}, got {stages}")
-    if n % NOISE_CHUNK:
-        raise ValueError(f"--adaptive needs --n to be a multiple of {NOISE_CHUNK}, got {n}")
-    return sorted({s for s in looks if 0 < s < n} | {n})
+    except ValueError:
+        raise ValueError(f"--stages must be comma-separated integers, got {stages}") from None
+    if any(s < CHUNK or s % CHUNK for s in looks):
+        raise ValueError(f"--stages must be multiples of {CHUNK}, got {stages}")
+    return sorted({s for s in looks if s < n} | {n})
 
 
-def default_radii(n: int, alpha: float, sigma: float, num_stages: int) -> list[float]:
-    """0, 0.25, 0.5, ... up to the largest radius n samples can certify at the last stage's alpha (all correct)."""
-    largest = sigma * float(PHI.inv_cdf(lower_confidence_bound(n, n, alpha / num_stages)))
-    return [RADIUS_STEP * i for i in range(int(largest // RADIUS_STEP) + 1)]
-
-
-def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray], stages: list[int], alpha: float, sigma: float,
-                     radii: list[float]) -> tuple[int, float, int]:
-    """Adaptive CERTIFY: returns (prediction or ABSTAIN, radius, estimation samples drawn).
-
-    cA is selected from counts0 exactly as in CERTIFY. `estimate(m)` returns the class counts of the first m
-    estimation samples. After stage k (m = n_k samples) the lower bound uses alpha_k = alpha / K:
-        pA_lower_k = (1 - alpha_k) Clopper-Pearson lower bound from nA(n_k) of n_k,
-        radius_k   = sigma Phi^-1(pA_lower_k), or abstain if pA_lower_k < 1/2,
-    and sampling stops at the first stage where
-      - radius_k reaches the largest reported radius (more samples cannot raise the table), or
-      - the next reported radius above radius_k (radius 0 if abstaining) is out of reach at n: even the
-        (1 - alpha_k) Clopper-Pearson upper bound on pA, observed in all n samples, would not certify it, or
-      - k = K (n samples).
-    The reported radius is radius_k at the stage where it stopped.
-
-    Guarantee (as CERTIFY's): with probability at least 1 - alpha over the noise, if it does not abstain,
-    the smoothed classifier g returns cA for every x' with ||x' - x||_2 < radius. Proof: the first n_k
-    samples are i.i.d. whatever the stopping rule, so P(pA_lower_k > pA) <= alpha_k for each fixed k, and a
-    wrong certificate needs this at the stage that stopped; a union bound over the K looks gives at most
-    sum_k alpha_k = alpha, for any stopping rule. The price: every bound is at level alpha / K instead of
-    alpha, so at the same n the radius is slightly smaller than CERTIFY's (n = 100,000, K = 3: the largest
-    certifiable radius falls from 3.81 sigma to 3.77 sigma), and radii above the largest reported radius
-    are cut short, so the ACR is lower than CERTIFY's while the table at the reported radii agrees up to
-    sampling noise. The upper bound in the stopping rule affects only how many samples are drawn, never
-    the guarantee.
-    """
-    c_a = int(counts0.argmax())
-    alpha_k = alpha / len(stages)
-    n = stages[-1]
-    for n_k in stages:
-        n_a = int(estimate(n_k)[c_a])
-        p_lower = lower_confidence_bound(n_a, n_k, alpha_k)
-        radius = sigma * float(PHI.inv_cdf(p_lower)) if p_lower >= 0.5 else None
-        if n_k == n or (radius is not None and radius >= radii[-1]):
-            break
-        target = min(r for r in radii if radius is None or r > radius)
-        best_at_n = lower_confidence_bound(math.ceil(upper_confidence_bound(n_a, n_k, alpha_k) * n), n, alpha_k)
-        if best_at_n < PHI.cdf(target / sigma):
-            break
-    if radius is None:
-        return ABSTAIN, 0.0, n_k
-    return c_a, radius, n_k
+def parse_radii(text: str) -> list[float]:
+    """--radii: finite, >= 0, at most 4 decimals -- the TSV floors radii to 4 decimals, so a radius with more
+    could count as certified when sampling stops and not in the table."""
+    radii = []
+    for part in text.split(","):
+        try:
+            value = Decimal(part.strip())
+        except InvalidOperation:
+            raise ValueError(f"--radii must be numbers, got {text}") from None
+        if not value.is_finite() or value < 0 or value.as_tuple().exponent < -4:
+            raise ValueError(f"--radii must be finite, >= 0 and have at most 4 decimals, got {text}")
+        radii.append(float(value))
+    return sorted(set(radii))
 
 
 # ----------------------------------------------------------------------------------------------------
-# The noise loop: batched, compiled, counted on the device
+# rRCM as a base classifier
 
-def noise(shape: tuple, count: int, first: int, seed: int, idx: int, phase: str, device) -> torch.Tensor:
-    """eps for samples first .. first+count-1 of (image idx, phase); first is a multiple of NOISE_CHUNK. Each
-    chunk of NOISE_CHUNK samples has its own seed, so a sample's noise does not depend on which batch or
-    process draws it."""
-    chunks = torch.arange(first // NOISE_CHUNK, (first + count - 1) // NOISE_CHUNK + 1)
-    return seeded_noise((NOISE_CHUNK, *shape), chunks, device, seed, idx, phase).flatten(0, 1)[:count]
+class RRCMClassifier(torch.nn.Module):
+    """rRCM as a base classifier f of noisy images in pixel space [0, 1] (what smoothing.Smooth feeds it:
+    x + sigma eps): normalised to the model's [-1, 1] and told the time 2 sigma snapped to the pre-training
+    grid (model.smoothing_time), as the released code does. Only the time input is snapped: the noise is
+    exactly sigma, added in pixel space where the radii are measured."""
 
+    def __init__(self, model: torch.nn.Module, sigma: float):
+        super().__init__()
+        self.model, self.t = model, smoothing_time(sigma)
 
-def predict_noisy(model, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Base-classifier decisions f(x + sigma eps) for a batch of noise (what torch.compile fuses)."""
-    return model(*noisy_input(x[None], sigma, eps)).argmax(1)
-
-
-def sample_counts(classify, x: torch.Tensor, num: int, batch: int, num_classes: int, seed: int, idx: int, phase: str,
-                  first: int = 0, tick: Callable[[int], None] | None = None) -> np.ndarray:
-    """Class counts of samples first .. num-1; `tick(count)` after each batch (progress)."""
-    counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
-    for start in range(first, num, batch):
-        eps = noise(x.shape, min(batch, num - start), start, seed, idx, phase, x.device)
-        counts += torch.bincount(classify(x, eps), minlength=num_classes)
-        if tick:
-            tick(len(eps))
-    return counts.cpu().numpy()  # one host sync per phase, not per batch
+    def forward(self, noisy: torch.Tensor) -> torch.Tensor:
+        return self.model(to_model_space(noisy), self.t)
 
 
-def batch_sizes(spans: list[tuple[int, int]], batch: int) -> set[int]:
-    """Every batch size sample_counts will use over these (first, num) spans: what torch.compile must see."""
-    return {min(batch, num - start) for first, num in spans for start in range(first, num, batch)}
+def predict_noisy(model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Base-classifier decisions f(x + sigma eps) of rRCM for a batch of noise, as Smooth computes them."""
+    return RRCMClassifier(model, sigma)(x[None] + sigma * eps).argmax(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,6 +200,8 @@ def certified_indices(num_images: int, skip: int, num: int) -> list[int]:
 def lock_results(path: str):
     """Take the one-writer lock: an exclusive flock on `path`.lock. The kernel drops it when the process
     dies, even by SIGKILL, so a killed run never leaves it stuck. Returns the lock file: closing it unlocks."""
+    if os.path.isdir(path):
+        raise UsageError(f"--out {path} is a directory; give a file name for the TSV")
     folder = os.path.dirname(os.path.abspath(path))
     parent = folder
     while not os.path.exists(parent):
@@ -276,11 +221,19 @@ def lock_results(path: str):
     return lock
 
 
+def has_rows(path: str) -> bool:
+    """Whether `path` holds anything but nothing or a certification header (with perhaps a torn first row)."""
+    if not os.path.exists(path):
+        return False
+    with open(path, "rb") as f:
+        data = f.read()
+    first, _, rest = data.partition(b"\n")
+    return not (data == b"" or (first.decode(errors="replace") in (HEADER, ADAPTIVE_HEADER) and b"\n" not in rest))
+
+
 def read_done(path: str, header: str) -> set[int]:
     """Indices of the images already certified. A torn last line (a kill mid-write) is cut off the file; any
     other malformed line is refused, leaving the file as it is."""
-    if not os.path.exists(path):
-        return set()
     with open(path, "rb") as f:
         data = f.read()
     whole = data[: data.rfind(b"\n") + 1]
@@ -294,29 +247,44 @@ def read_done(path: str, header: str) -> set[int]:
     return {int(row[0]) for row in rows}
 
 
-def open_results(path: str, config: dict, header: str) -> set[int]:
-    """Check (or write) the sidecar config, write the header of a new file, return the rows done.
-    Call with the lock held."""
-    meta = path + ".json"
-    if os.path.exists(path) or os.path.exists(meta):
+class Results:
+    """One TSV and its sidecar .json of the configuration, with the lock held. Nothing is written before the
+    first row: a run that stops (or is refused) before that leaves only the empty lock file, and a file
+    without rows is simply started afresh -- there are no results in it to mix."""
+
+    def __init__(self, path: str, config: dict, header: str):
+        self.path, self.config, self.header, self.meta = path, config, header, path + ".json"
+        self.fresh = not has_rows(path)
+        self.done = set()
+        if not self.fresh:
+            try:
+                with open(self.meta) as f:
+                    previous = json.load(f)
+            except (OSError, ValueError):
+                raise UsageError(f"{path} has results but no readable {self.meta}; refusing to mix results") from None
+            if previous != config:
+                diff = ", ".join(k for k in config if previous.get(k) != config[k])
+                raise UsageError(f"{path} holds results of a different configuration ({diff}); choose another --out")
+            self.done = read_done(path, header)
+
+    def append(self, rows: list[str]) -> None:
+        """Append whole lines (the first time: the .json, then a new file with the header). SIGINT/SIGTERM are
+        held back until the lines are on disk, so a stop never tears one (a SIGKILL can; read_done cuts that
+        torn line on the next run)."""
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            with open(meta) as f:
-                previous = json.load(f)
-        except (OSError, ValueError):
-            raise UsageError(f"{path} exists without a readable {meta}; refusing to mix results") from None
-        if previous != config:
-            diff = ", ".join(k for k in config if previous.get(k) != config[k])
-            raise UsageError(f"{path} holds results of a different configuration ({diff}); choose another --out")
-    done = read_done(path, header)
-    try:
-        with open(meta, "w") as f:
-            json.dump(config, f, indent=1)
-        if not os.path.exists(path) or os.path.getsize(path) == 0:
-            with open(path, "w") as f:
-                f.write(header + "\n")
-    except OSError as e:
-        raise UsageError(f"cannot write {path}: {e.strerror}") from None
-    return done
+            if self.fresh:
+                with open(self.meta, "w") as f:
+                    json.dump(self.config, f, indent=1)
+            with open(self.path, "w" if self.fresh else "a") as f:
+                f.write((self.header + "\n" if self.fresh else "") + "".join(row + "\n" for row in rows))
+                f.flush()
+                os.fsync(f.fileno())
+            self.fresh = False
+        except OSError as e:
+            raise UsageError(f"cannot write {self.path}: {e.strerror}") from None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 class Interrupted(Exception):
@@ -325,19 +293,6 @@ class Interrupted(Exception):
 
 def raise_interrupted(signum, frame):
     raise Interrupted(signal.Signals(signum).name)
-
-
-def append_rows(path: str, rows: list[str]) -> None:
-    """Append whole lines. SIGINT/SIGTERM are held back until the lines are on disk, so a stop never tears one
-    (a SIGKILL can; read_done cuts that torn line on the next run)."""
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        with open(path, "a") as f:
-            f.write("".join(row + "\n" for row in rows))
-            f.flush()
-            os.fsync(f.fileno())
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -381,50 +336,59 @@ class Progress:
 
 # ----------------------------------------------------------------------------------------------------
 
-def certify_image(classify, x: torch.Tensor, idx: int, args: argparse.Namespace, sigma: float, radii: list[float] | None,
-                  num_classes: int, tick) -> tuple[int, float, int]:
-    """(prediction, radius, estimation samples) for one image, fixed-n, adaptive or PREDICT."""
-    counts_of = lambda phase, num, first=0: sample_counts(classify, x, num, args.batch, num_classes, args.seed, idx, phase, first, tick)
+def certify_image(smooth: Smooth, x: torch.Tensor, idx: int, args: argparse.Namespace, plan: AdaptivePlan | None,
+                  tick) -> tuple[int, float, int]:
+    """(prediction, radius, estimation samples) for test image idx: fixed-n, adaptive or PREDICT."""
     if args.predict:
-        return predict_from_counts(counts_of("estimate", args.n), args.alpha), 0.0, args.n
-    if not args.adaptive:
-        counts = counts_of("estimate", args.n)
-        return (*certify_from_counts(counts_of("select", args.n0), counts, args.n, args.alpha, sigma), args.n)
-    drawn = [0, np.zeros(num_classes, dtype=np.int64)]  # samples drawn so far and their counts
+        return smooth.predict(x, args.n, args.alpha, key=idx, tick=tick), 0.0, args.n
+    if plan is not None:
+        return smooth.certify_adaptive(x, args.n0, plan, key=idx, tick=tick)
+    return (*smooth.certify(x, args.n0, args.n, args.alpha, key=idx, tick=tick), args.n)
 
-    def estimate(num: int) -> np.ndarray:
-        drawn[1] = drawn[1] + counts_of("estimate", num, drawn[0])
-        drawn[0] = num
-        return drawn[1]
-    return certify_adaptive(counts_of("select", args.n0), estimate, args.stages, args.alpha, sigma, radii)
+
+def out_path(args: argparse.Namespace, sigma: float) -> str:
+    """The TSV of one sigma: --out itself for a single sigma, else with _sigma<sigma> before its extension."""
+    if args.out is None:
+        name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+        suffix = "_predict" if args.predict else "_adaptive" if args.adaptive else ""
+        return os.path.join("out", "certify", f"{name}_sigma{sigma:g}{suffix}.tsv")
+    if len(args.sigma) == 1:
+        return args.out
+    root, extension = os.path.splitext(args.out)
+    return f"{root}_sigma{sigma:g}{extension}"
 
 
 def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
-    """main's work; `stack` closes the lock however this ends."""
+    """main's work; `stack` closes the locks however this ends. Everything that can be refused -- flags,
+    checkpoint, test images, the results files -- is checked before anything is written."""
     select_kernels(args.kernels)
     rank, world, device = init_distributed()
     ckpt = load_checkpoint(args.checkpoint, "finetune")
-    trained_sigma = ckpt["config"]["sigma"]
-    sigma = trained_sigma if args.sigma is None else args.sigma
-    dataset = ckpt["config"]["dataset"]
+    trained_sigma, dataset = ckpt["config"]["sigma"], ckpt["config"]["dataset"]
     skip = DEFAULT_SKIP[dataset] if args.skip is None else args.skip
     precision = resolve_precision(args.precision, device)
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    test = Images(dataset, args.data_dir, "test", device)
+    indices = certified_indices(len(test), skip, args.num)
     mode = "predict" if args.predict else "certify-adaptive" if args.adaptive else "certify"
-    args.out = out = args.out or os.path.join("out", "certify", f"{os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))}_sigma{sigma:g}"
-                                   f"{'_predict' if args.predict else '_adaptive' if args.adaptive else ''}.tsv")
-    radii = (args.radii or default_radii(args.n, args.alpha, sigma, len(args.stages))) if args.adaptive else None
-    config = dict(checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"], sigma=sigma, mode=mode, n0=args.n0, n=args.n,
-                  alpha=args.alpha, seed=args.seed, skip=skip, precision=precision)
-    if args.adaptive:
-        config |= dict(stages=args.stages, radii=radii)
     header = ADAPTIVE_HEADER if args.adaptive else HEADER
-    # Rank 0 takes the lock and reads the file before anything is loaded or written; every rank learns the
+    jobs = []
+    for sigma in args.sigma:
+        plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], args.stages) if args.adaptive else None
+        config = dict(checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"], sigma=sigma, mode=mode, n0=args.n0,
+                      n=args.n, alpha=args.alpha, seed=args.seed, skip=skip, precision=precision, noise=NOISE)
+        if plan is not None:
+            config |= dict(looks=plan.looks, alphas=plan.alphas, radii=plan.radii)
+        jobs.append((sigma, out_path(args, sigma), config, plan))
+    # Rank 0 takes every file's lock and reads what is there before any is written; every rank learns the
     # outcome, so a refusal ends all processes with the same one line.
-    done, refusal = set(), None
+    done, refusal, files = [set() for _ in jobs], None, []
     if rank == 0:
         try:
-            stack.enter_context(lock_results(out))
-            done = open_results(out, config, header)
+            for k, (sigma, out, config, plan) in enumerate(jobs):
+                stack.enter_context(lock_results(out))
+                files.append(Results(out, config, header))
+                done[k] = files[-1].done
         except UsageError as e:
             refusal = str(e)
     if world > 1:
@@ -434,63 +398,60 @@ def run(args: argparse.Namespace, stack: contextlib.ExitStack) -> None:
     if refusal:
         raise UsageError(refusal)
 
-    model = model_from_checkpoint(ckpt).to(device).eval()
-    test = Images(dataset, args.data_dir, "test", device)
-    indices = certified_indices(len(test), skip, args.num)
-    todo = [i for i in indices if i not in done]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    if rank == 0:
-        print(f"{mode.upper()} sigma {sigma:g} (fine-tuned at {trained_sigma:g}), {len(indices)} images, "
-              f"{len(indices) - len(todo)} already in {out}, {world} process(es) on {where}, precision {precision}"
-              + (f", stages {args.stages}, radii {radii}" if args.adaptive else ""), flush=True)
-
-    classify = lambda x, eps: predict_noisy(model, x, eps, sigma)
-    classify = torch.compile(classify) if args.compile else classify
-    num_classes = model.cfg.num_classes
-    if args.compile and todo:  # compile every batch size the loop will use now, so no image's time includes it
+    for k, (sigma, out, config, plan) in enumerate(jobs):
+        args.writing = out
+        todo = [i for i in indices if i not in done[k]]
         if rank == 0:
-            print("compiling the noise loop ...", flush=True)
-        looks = [0, *args.stages] if args.adaptive else [0, args.n]
-        spans = [(0, args.n0)] + list(zip(looks[:-1], looks[1:]))
-        x0, _ = test.batch(torch.tensor([todo[0]]))
-        with torch.no_grad(), autocast(device, precision):
-            for size in batch_sizes(spans, args.batch):
-                classify(x0[0], torch.zeros(size, *x0.shape[1:], device=device))
-    progress = Progress(len(indices) - len(todo), len(indices), len(todo), args.n0 + args.n, world, args.adaptive, rank == 0)
-    # Rounds of `world` images, one per process; rank 0 writes each round in image order.
-    for r in range(0, len(todo), world):
-        line = None
-        if r + rank < len(todo):
-            idx = todo[r + rank]
-            x, y = test.batch(torch.tensor([idx]))
-            start = time.time()
-            with torch.no_grad(), autocast(device, precision):
-                prediction, radius, used = certify_image(classify, x[0], idx, args, sigma, radii, num_classes, progress.tick)
-            label = int(y[0])
-            line = f"{idx}\t{label}\t{prediction}\t{floor_radius(radius)}\t{int(prediction == label)}\t{time.time() - start:.3f}"
-            line += f"\t{used}" if args.adaptive else ""
-        lines = [line]
-        if world > 1:
-            lines = [None] * world
-            dist.all_gather_object(lines, line)
-        rows = [row for row in lines if row is not None]
-        if rank == 0:
-            append_rows(out, rows)
-        progress.images_done(rows)
-    if rank == 0:
-        print(summary(out))
+            print(f"{mode.upper()} sigma {sigma:g} (fine-tuned at {trained_sigma:g}), {len(indices)} images, "
+                  f"{len(indices) - len(todo)} already in {out}, {world} process(es) on {where}, precision {precision}"
+                  + (f", {plan.describe()}" if plan else ""), flush=True)
+        smooth = Smooth(RRCMClassifier(model, sigma), model.cfg.num_classes, sigma, batch=args.batch, seed=args.seed,
+                        compile=args.compile, autocast=torch.bfloat16 if precision == "bf16" else None)
+        if args.compile and todo:  # compile every batch size the loop will use now, so no image's time includes it
+            if rank == 0:
+                print("compiling the noise loop ...", flush=True)
+            smooth.warm_up(test.batch(torch.tensor([todo[0]]))[0][0], args.n0, plan.looks if plan else [args.n])
+        progress = Progress(len(indices) - len(todo), len(indices), len(todo), args.n0 + args.n, world, args.adaptive, rank == 0)
+        # Rounds of `world` images, one per process; rank 0 writes each round in image order.
+        for r in range(0, len(todo), world):
+            line = None
+            if r + rank < len(todo):
+                idx = todo[r + rank]
+                x, y = test.batch(torch.tensor([idx]))
+                start = time.time()
+                prediction, radius, used = certify_image(smooth, x[0], idx, args, plan, progress.tick)
+                label = int(y[0])
+                line = f"{idx}\t{label}\t{prediction}\t{floor_radius(radius)}\t{int(prediction == label)}\t{time.time() - start:.3f}"
+                line += f"\t{used}" if args.adaptive else ""
+            lines = [line]
+            if world > 1:
+                lines = [None] * world
+                dist.all_gather_object(lines, line)
+            rows = [row for row in lines if row is not None]
+            if rank == 0:
+                files[k].append(rows)
+            progress.images_done(rows)
+        if rank == 0 and os.path.exists(out):
+            print(summary(out), flush=True)
+    written = [out for _, out, _, _ in jobs if os.path.exists(out)]
+    if rank == 0 and len(written) > 1:  # the paper's Table 2 row: the best certified accuracy over sigma at each radius
+        print(table([os.path.basename(out) for out in written], [read_tsv(out) for out in written], envelope=True), flush=True)
     if world > 1:
         dist.destroy_process_group()
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    args.writing = None
     previous = {s: signal.signal(s, raise_interrupted) for s in STOP_SIGNALS}
     try:
         with contextlib.ExitStack() as stack:
             run(args, stack)
     except Interrupted as e:
-        raise Interrupted(f"interrupted by {e}; {args.out} holds whole lines only; run the same command to continue") from None
+        if args.writing is None:
+            raise Interrupted(f"interrupted by {e} before certifying; nothing was written") from None
+        raise Interrupted(f"interrupted by {e}; {args.writing} holds whole lines only; run the same command to continue") from None
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

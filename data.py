@@ -27,7 +27,10 @@ CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["te
 
 
 def derive_seed(*keys) -> int:
-    """A well-mixed 63-bit seed from a tuple of ints/strings (numpy's SeedSequence does the mixing)."""
+    """A well-mixed 63-bit seed from a tuple of ints/strings (numpy's SeedSequence does the mixing). A CPU
+    torch.Generator keeps only its low 32 bits (CUDA's keeps all 64), so two keys share a CPU stream with
+    probability 2^-32: harmless for augmentations and data order; the certification noise, where one sample
+    counted twice would matter, uses smoothing.stream_seed, which cannot collide within an image."""
     words = [int.from_bytes(hashlib.sha256(str(k).encode()).digest()[:4], "little") for k in keys]
     return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 

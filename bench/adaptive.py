@@ -1,12 +1,20 @@
-"""Adaptive against fixed-n CERTIFY on the same images, in one run: samples and seconds per image, both
-certified-accuracy tables side by side, and the projected saving for the paper's protocol.
+"""Adaptive against fixed-n CERTIFY: on a trained checkpoint from the same counts in one run, and simulated under
+the paper's protocol (the numbers behind smoothing.AdaptivePlan's design, and its alternatives).
 
     python bench/adaptive.py --checkpoint out/finetune_sigma0.25/ckpt.pt --data-dir data --n 10000 --num 100 --skip 100
+    python bench/adaptive.py --simulate
 
-Both runs draw the same noise (certify.py's seeding), so an adaptive image that goes to n sees exactly the
-fixed run's counts. The projection to n = 100,000 x 500 images x 3 sigmas replays adaptive CERTIFY on binomial
-draws at each image's observed p_A (nA / n of the fixed run), with the looks certify.py uses at that n, and
-prices samples at the rate measured here; it assumes the other two sigmas have the same mix of images.
+Checkpoint: for each image, n0 selection samples and n estimation samples are drawn once (certify.py's noise),
+in pieces that end at each adaptive look. Fixed-n CERTIFY decides from all n; adaptive CERTIFY from the prefix
+counts at its looks, so both judge the very same samples, and the samples adaptive would have drawn are
+recorded. Printed: both certified-accuracy tables side by side at the paper's radii, samples and seconds per
+image (adaptive's seconds are its samples at the rate measured), every image whose row differs, and a projection
+to the paper's n = 100,000 that replays binomial sample paths at each image's observed p_A = nA / n.
+
+--simulate: 200,000 images per sigma of the mix in tests/test_adaptive.py (half p_A ~ U(0.99, 1), a quarter
+U(0.7, 0.9), a quarter U(0.3, 0.5)) at n = 100,000, alpha = 0.001, CIFAR-10's radii: mean samples per sigma, the
+fraction of table rows that differ from fixed-n's on the same counts, failure rates around every reported radius
+(with and without the alpha split), and the same for alternative looks, alpha splits and futility levels.
 """
 import argparse
 import os
@@ -15,54 +23,145 @@ import time
 
 import numpy as np
 import torch
+from scipy.stats import norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
+import kernels  # noqa: E402
+import smoothing  # noqa: E402
 from data import Images  # noqa: E402
-from model import autocast, load_checkpoint, model_from_checkpoint, resolve_precision  # noqa: E402
+from model import PRECISIONS, load_checkpoint, model_from_checkpoint, resolve_precision, select_kernels  # noqa: E402
 from report import average_certified_radius, certified_accuracy  # noqa: E402
 
-PAPER_N, PAPER_IMAGES, PAPER_SIGMAS = 100_000, 500, 3
+PAPER_N, PAPER_ALPHA, PAPER_SIGMAS = 100_000, 0.001, (0.25, 0.5, 1.0)
 
 
-def certify_all(classify, test, indices, argv: list[str], sigma: float, radii, num_classes: int, device, precision) -> dict:
-    """certify.py's per-image decision for every index: prediction, radius, samples, seconds, correct, and for
-    the fixed run the observed p_A = nA / n (what the projection replays)."""
-    args = certify.parse_args(argv)
-    rows = []
-    for idx in indices:
-        x, y = test.batch(torch.tensor([idx]))
-        start = time.perf_counter()
-        with torch.no_grad(), autocast(device, precision):
-            if args.adaptive:
-                prediction, radius, used = certify.certify_image(classify, x[0], idx, args, sigma, radii, num_classes, None)
-                p_a = float("nan")
-            else:  # CERTIFY exactly as certify.certify_image runs it, keeping the counts
-                counts_of = lambda phase, num: certify.sample_counts(classify, x[0], num, args.batch, num_classes, args.seed, idx, phase)
-                counts, counts0 = counts_of("estimate", args.n), counts_of("select", args.n0)
-                (prediction, radius), used = certify.certify_from_counts(counts0, counts, args.n, args.alpha, sigma), args.n
-                p_a = counts[counts0.argmax()] / args.n
-        rows.append((prediction, radius, used, time.perf_counter() - start, int(y[0]), p_a))
-    rows = np.array(rows, dtype=float)
-    return dict(predict=rows[:, 0], radius=rows[:, 1], samples=rows[:, 2], seconds=rows[:, 3],
-                correct=(rows[:, 0] == rows[:, 4]) * 1.0, p_a=rows[:, 5])
+# ----------------------------------------------------------------------------------------------------
+# Simulation
+
+def paths(p: np.ndarray, looks: list[int], rng) -> np.ndarray:
+    """[len(p), K]: how often class A (probability p) wins among the first looks[k] samples, one path per p."""
+    return np.cumsum(rng.binomial(np.diff([0, *looks]), p[:, None]), axis=1)
 
 
-def projected_samples(p_a: np.ndarray, alpha: float, sigma: float, repeats: int = 20) -> float:
-    """Mean estimation samples per image of adaptive CERTIFY at n = 100,000, replayed on binomial draws."""
-    stages = certify.adaptive_stages(PAPER_N, None)
-    radii = certify.default_radii(PAPER_N, alpha, sigma, len(stages))
-    rng = np.random.default_rng(0)
-    used = []
-    for p in np.repeat(p_a, repeats):
-        wins = dict(zip(stages, np.cumsum(rng.binomial(np.diff([0, *stages]), p))))
-        used.append(certify.certify_adaptive(np.array([1, 0]), lambda m: np.array([wins[m], m - wins[m]]), stages, alpha, sigma, radii)[2])
-    return float(np.mean(used))
+def image_mix(images: int, rng) -> np.ndarray:
+    return np.concatenate([rng.uniform(0.99, 1.0, images // 2), rng.uniform(0.7, 0.9, images // 4),
+                           rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
 
+
+def replay(plan: smoothing.AdaptivePlan, p: np.ndarray, alpha: float, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(samples, adaptive row, fixed-n row) of one sample path per p_A; fixed-n CERTIFY is the one-look plan."""
+    wins = paths(p, plan.looks, rng)
+    stop, n_a = plan.replay(wins)
+    rows = np.empty(len(p), dtype=int)
+    for k in np.unique(stop):
+        rows[stop == k] = plan.row(k, n_a[stop == k])
+    fixed = smoothing.AdaptivePlan(plan.n, alpha, plan.sigma, plan.radii, looks=[])
+    assert fixed.radii == plan.radii
+    return np.asarray(plan.looks)[stop], rows, fixed.row(0, wins[:, -1])
+
+
+def failure_rates(plan: smoothing.AdaptivePlan, trials: int, rng) -> dict[float, float]:
+    """P(certified radius > true radius) at p_A just below, at and above every reported radius's threshold."""
+    rates = {}
+    targets = [0.5 if r == 0 else norm.cdf(r / plan.sigma) for r in plan.radii]
+    for p in sorted({t + d for t in targets for d in (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)}):
+        truth = plan.sigma * norm.ppf(p) if p >= 0.5 else None
+        first_wrong = []
+        for k, m in enumerate(plan.looks):  # least nA at look k with a wrong certificate (the radius grows with nA)
+            low, high = 0, m + 1
+            while low < high:
+                mid = (low + high) // 2
+                r = plan.radius(k, mid)
+                low, high = (low, mid) if r is not None and (truth is None or r > truth) else (mid + 1, high)
+            first_wrong.append(low)
+        stop, n_a = plan.replay(paths(np.full(trials, p), plan.looks, rng))
+        rates[p] = float(np.mean(n_a >= np.asarray(first_wrong)[stop]))
+    return rates
+
+
+class FutilityAt(smoothing.AdaptivePlan):
+    """The plan with another level for the futility rule's upper bound (an alternative, not the library's)."""
+    level = None
+
+    def _largest_out_of_reach(self, m, need):
+        saved, self.alpha = self.alpha, self.level
+        try:
+            return super()._largest_out_of_reach(m, need)
+        finally:
+            self.alpha = saved
+
+
+def looks_ratio(ratio: float, n: int = PAPER_N) -> list[int]:
+    """Looks ratio apart from 100, rounded to multiples of 100, below n."""
+    looks, value = [], 100.0
+    while round(value, -2) < n:
+        if not looks or round(value, -2) > looks[-1]:
+            looks.append(int(round(value, -2)))
+        value *= ratio
+    return looks
+
+
+def simulate(images: int, trials: int) -> None:
+    radii = certify.PAPER_RADII["cifar10"]
+
+    def design(name: str, looks=None, share=0.99, futility=None, show=True) -> float:
+        smoothing.LAST_LOOK_SHARE = share
+        means, differ = [], []
+        for sigma in PAPER_SIGMAS:
+            rng = np.random.default_rng(0)
+            cls = smoothing.AdaptivePlan
+            if futility is not None:
+                cls = type("Plan", (FutilityAt,), {"level": futility})
+            plan = cls(PAPER_N, PAPER_ALPHA, sigma, radii, looks)
+            used, rows, fixed = replay(plan, image_mix(images, rng), PAPER_ALPHA, rng)
+            means.append(used.mean())
+            differ.append(np.mean(rows != fixed))
+        smoothing.LAST_LOOK_SHARE = 0.99
+        if show:
+            print(f"| {name} | " + " | ".join(f"{m:,.0f}" for m in means) + f" | {PAPER_N / np.mean(means):.1f}x | "
+                  + " / ".join(f"{d:.3%}" for d in differ) + " |", flush=True)
+        return float(np.mean(means))
+
+    print(f"{images:,} simulated images per sigma (half p_A ~ U(0.99, 1), a quarter U(0.7, 0.9), a quarter U(0.3, 0.5)), "
+          f"n = {PAPER_N:,}, alpha = {PAPER_ALPHA}, radii {radii} capped per sigma; rows differ = the largest reported "
+          f"radius certified differs from fixed-n CERTIFY's on the same samples\n")
+    print("| design | samples sigma 0.25 | 0.5 | 1.0 | saving | rows differ 0.25 / 0.5 / 1.0 |\n|---|---|---|---|---|---|")
+    design("**chosen**: looks x2 (100, 200, 400, ..., 51,200, 100k: 11), 99 % of alpha at n, futility at alpha")
+    design("looks x10: 1k, 10k, 100k (3)", looks=[1000, 10_000])
+    design("looks x10: 100, 1k, 10k, 100k (4)", looks=[100, 1000, 10_000])
+    design("looks x3: 100, 300, 1000, ..., 100k (7)", looks=[100, 300, 1000, 3000, 10_000, 30_000])
+    design("looks 1-2-5: 100, 200, 500, 1000, ..., 100k (10)", looks=[m * 10 ** e for e in (2, 3, 4) for m in (1, 2, 5)])
+    design("looks x1.41: 100, 100 sqrt 2, 200, ... rounded to 100s (20)", looks=looks_ratio(2 ** 0.5))
+    for share in (0.9, 0.999):
+        design(f"{share:.1%} of alpha at n", share=share)
+    design("futility at 10 alpha", futility=10 * PAPER_ALPHA)
+    design("futility at alpha / 10", futility=PAPER_ALPHA / 10)
+
+    print(f"\nfailure rates (certified radius > true radius), {trials:,} sample paths per p_A, at p_A = threshold "
+          f"+ (-1e-3, -1e-4, 0, 1e-4, 1e-3) of every reported radius:")
+    rng = np.random.default_rng(1)
+    for split in ("split", "unsplit"):
+        if split == "unsplit":
+            saved, smoothing.split_alpha = smoothing.split_alpha, lambda alpha, looks: [alpha] * len(looks)
+        for sigma in PAPER_SIGMAS:
+            rates = failure_rates(smoothing.AdaptivePlan(PAPER_N, PAPER_ALPHA, sigma, radii), trials, rng)
+            worst = max(rates, key=rates.get)
+            print(f"  {split:7s} sigma {sigma}: worst p_A {worst:.5f}: {rates[worst] / PAPER_ALPHA:.2f} alpha; "
+                  f"mean over the {len(rates)} p_A {np.mean(list(rates.values())) / PAPER_ALPHA:.2f} alpha", flush=True)
+        if split == "unsplit":
+            smoothing.split_alpha = saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# A checkpoint
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a finetune.py checkpoint")
+    p.add_argument("--simulate", action="store_true", help="the simulation of the paper's protocol instead of a checkpoint")
+    p.add_argument("--images", type=int, default=200_000, help="--simulate: images per sigma")
+    p.add_argument("--trials", type=int, default=200_000, help="--simulate: sample paths per p_A for the failure rates")
+    p.add_argument("--checkpoint", default=None, help="a finetune.py checkpoint")
     p.add_argument("--data-dir", default="data", help="where CIFAR-10 / ImageNet is")
     p.add_argument("--sigma", type=float, default=None, help="default: the fine-tuning sigma")
     p.add_argument("--n", type=int, default=10_000, help="estimation samples of the fixed run, the most the adaptive run draws")
@@ -70,45 +169,75 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=100, help="every skip-th test image")
     p.add_argument("--batch", type=int, default=1000, help="noisy copies per forward pass (multiple of 100)")
     p.add_argument("--alpha", type=float, default=0.001, help="failure probability")
-    p.add_argument("--precision", default="auto", help="auto, bf16 or fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto", help="bf16 autocast or fp32 (auto: bf16 where native)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the noise loop")
+    p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
     args = p.parse_args()
+    if args.simulate:
+        simulate(args.images, args.trials)
+        return
+    if args.checkpoint is None or args.n % smoothing.CHUNK or args.batch % smoothing.CHUNK:
+        p.error("--checkpoint is needed (or --simulate), and --n and --batch must be multiples of 100")
+    select_kernels(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
     ckpt = load_checkpoint(args.checkpoint, "finetune")
+    dataset = ckpt["config"]["dataset"]
     sigma = ckpt["config"]["sigma"] if args.sigma is None else args.sigma
     model = model_from_checkpoint(ckpt).to(device).eval()
-    test = Images(ckpt["config"]["dataset"], args.data_dir, "test", device)
+    test = Images(dataset, args.data_dir, "test", device)
     indices = certify.certified_indices(len(test), args.skip, args.num)
-    classify = lambda x, eps: certify.predict_noisy(model, x, eps, sigma)
-    classify = torch.compile(classify) if args.compile else classify
-    common = ["--checkpoint", args.checkpoint, "--n", str(args.n), "--batch", str(args.batch), "--alpha", str(args.alpha)]
-    stages = certify.adaptive_stages(args.n, None)
-    radii = certify.default_radii(args.n, args.alpha, sigma, len(stages))
+    smooth = smoothing.Smooth(certify.RRCMClassifier(model, sigma), model.cfg.num_classes, sigma, batch=args.batch,
+                              compile=args.compile, autocast=torch.bfloat16 if precision == "bf16" else None)
+    plan = smoothing.AdaptivePlan(args.n, args.alpha, sigma, certify.PAPER_RADII[dataset])
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"{where}, precision {precision}, sigma {sigma:g}, {len(indices)} images, n0 100, n {args.n:,}, alpha {args.alpha}, "
-          f"adaptive looks {stages}, reported radii {radii}", flush=True)
-    C = model.cfg.num_classes
-    certify_all(classify, test, indices[:1], common, sigma, radii, C, device, precision)  # warm-up (compilation)
-    runs = {"fixed n": certify_all(classify, test, indices, common, sigma, radii, C, device, precision),
-            "adaptive": certify_all(classify, test, indices, common + ["--adaptive"], sigma, radii, C, device, precision)}
+    print(f"{where}, precision {precision}, {args.checkpoint} (fine-tuned at sigma {ckpt['config']['sigma']:g}), "
+          f"sigma {sigma:g}, {len(indices)} images, n0 100, n {args.n:,}, alpha {args.alpha}; adaptive {plan.describe()}", flush=True)
+    if args.compile:
+        smooth.warm_up(test.batch(torch.tensor(indices[:1]))[0][0], 100, plan.looks)
 
-    print(f"\n{'':10s} {'samples/image':>14s} {'s/image':>9s} " + " ".join(f"{r:6.2f}" for r in radii) + "    ACR")
-    for name, run in runs.items():
-        acc = [100 * certified_accuracy(run["radius"], run["correct"], r) for r in radii]
-        print(f"{name:10s} {100 + run['samples'].mean():14,.0f} {run['seconds'].mean():9.3f} " + " ".join(f"{a:6.1f}" for a in acc)
-              + f"  {average_certified_radius(run['radius'], run['correct']):5.3f}")
-    fixed, adaptive = runs["fixed n"], runs["adaptive"]
-    rate = (100 + fixed["samples"]).sum() / fixed["seconds"].sum()
-    print(f"saving at n = {args.n:,}: {(100 + fixed['samples'].mean()) / (100 + adaptive['samples'].mean()):.1f}x fewer samples, "
-          f"{fixed['seconds'].mean() / adaptive['seconds'].mean():.1f}x less time; {rate:,.0f} samples/s")
+    rows = []  # idx, label, fixed (prediction, radius), adaptive (prediction, radius, samples), seconds, p_A
+    for idx in indices:
+        x, y = test.batch(torch.tensor([idx]))
+        start = time.perf_counter()
+        counts0 = smooth.counts(x[0], 100, key=idx, phase=smoothing.SELECT)
+        prefix, total = {}, np.zeros(model.cfg.num_classes, dtype=np.int64)
+        for first, look in zip([0, *plan.looks[:-1]], plan.looks):  # one pass of n samples, counted at each look
+            total = total + smooth.counts(x[0], look, key=idx, first=first)
+            prefix[look] = total
+        seconds = time.perf_counter() - start
+        fixed = smoothing.certify_from_counts(counts0, total, args.n, args.alpha, sigma)
+        adaptive = smoothing.certify_adaptive(counts0, prefix.get, plan)
+        rows.append((idx, int(y[0]), fixed, adaptive, seconds, total[np.argmax(counts0)] / args.n))
+        print(f"image {idx}: label {int(y[0])}, fixed {fixed[0]} r {certify.floor_radius(fixed[1])}, adaptive {adaptive[0]} "
+              f"r {certify.floor_radius(adaptive[1])} after {adaptive[2]:,} samples, {seconds:.1f} s", flush=True)
 
-    mean = projected_samples(fixed["p_a"], args.alpha, sigma)
-    images = PAPER_IMAGES * PAPER_SIGMAS
-    hours = lambda samples: images * (100 + samples) / rate / 3600
-    print(f"projected for the paper's protocol (n = {PAPER_N:,}, {PAPER_IMAGES} images x {PAPER_SIGMAS} sigmas, this mix of "
-          f"images, this device): fixed {hours(PAPER_N):,.1f} h, adaptive {hours(mean):,.1f} h "
-          f"({100 + mean:,.0f} samples/image, {(100 + PAPER_N) / (100 + mean):.1f}x fewer)")
+    def run(k: int) -> dict:  # as the TSV would hold it: radius floored to 4 decimals
+        radius = np.array([float(certify.floor_radius(r[2 + k][1])) for r in rows])
+        correct = np.array([float(r[2 + k][0] == r[1]) for r in rows])
+        return dict(radius=radius, correct=correct)
+    fixed, adaptive = run(0), run(1)
+    samples = np.array([r[3][2] for r in rows])
+    rate = len(rows) * (100 + args.n) / sum(r[4] for r in rows)
+    print(f"\n{'':10s} {'samples/image':>14s} {'s/image':>9s} " + " ".join(f"{r:6.2f}" for r in plan.radii) + "    ACR")
+    for name, result, per_image in (("fixed n", fixed, 100 + args.n), ("adaptive", adaptive, 100 + samples.mean())):
+        acc = [100 * certified_accuracy(result["radius"], result["correct"], r) for r in plan.radii]
+        print(f"{name:10s} {per_image:14,.0f} {per_image / rate:9.3f} " + " ".join(f"{a:6.1f}" for a in acc)
+              + f"  {average_certified_radius(result['radius'], result['correct']):5.3f}")
+    row_of = lambda result: [int(np.sum(np.asarray(plan.radii) <= r)) - 1 if c else -1 for r, c in zip(result["radius"], result["correct"])]
+    differ = [r[0] for r, a, b in zip(rows, row_of(fixed), row_of(adaptive)) if a != b]
+    print(f"saving at n = {args.n:,}: {(100 + args.n) / (100 + samples.mean()):.1f}x fewer samples (n0 included; "
+          f"{args.n / samples.mean():.1f}x of the estimation samples) at {rate:,.0f} samples/s; table rows differ for "
+          f"{len(differ)} of {len(rows)} images{': ' + ', '.join(map(str, differ)) if differ else ''}")
+
+    paper = smoothing.AdaptivePlan(PAPER_N, args.alpha, sigma, certify.PAPER_RADII[dataset])
+    p_a = np.repeat(np.array([r[5] for r in rows]), 20)
+    used, rows_a, rows_f = replay(paper, p_a, args.alpha, np.random.default_rng(0))
+    hours = lambda per_image: 500 * per_image / rate / 3600
+    print(f"projected for n = {PAPER_N:,} at sigma {sigma:g} (20 binomial paths at each image's observed p_A; 500 images "
+          f"at this rate): fixed {hours(100 + PAPER_N):,.1f} h, adaptive {hours(100 + used.mean()):,.1f} h "
+          f"({used.mean():,.0f} estimation samples per image, {PAPER_N / used.mean():.1f}x fewer); rows differ on "
+          f"{np.mean(rows_a != rows_f):.2%} of the paths")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
+import smoothing  # noqa: E402
 from model import ViT, autocast, native_bf16, noisy_input, vit_config  # noqa: E402
 
 GPU = torch.cuda.is_available()
@@ -45,9 +46,9 @@ def cohen_counts(model, x: torch.Tensor, num: int, batch: int, sigma: float, num
 
 
 def ours(model, x, num, batch, sigma, num_classes, compiled):
-    classify = lambda x, eps: certify.predict_noisy(model, x, eps, sigma)
-    classify = torch.compile(classify) if compiled else classify
-    return lambda: certify.sample_counts(classify, x, num, batch, num_classes, 0, 0, "estimate")
+    """certify.py's loop: smoothing.Smooth over rRCM as a base classifier."""
+    smooth = smoothing.Smooth(certify.RRCMClassifier(model, sigma), num_classes, sigma, batch=batch, compile=compiled)
+    return lambda: smooth.counts(x, num)
 
 
 def timed(fn, reps: int) -> float:
@@ -101,13 +102,13 @@ def precision_agreement(args, device: torch.device) -> None:
     differ = samples = outcome_differs = 0
     for idx in range(0, args.images * 100, 100):
         x, _ = test.batch(torch.tensor([idx]))
-        eps = certify.noise(x.shape[1:], args.n, 0, 0, idx, "estimate", device)
+        eps = smoothing.gaussian_noise(tuple(x.shape[1:]), 0, args.n, 0, idx, smoothing.ESTIMATE, device)
         preds, outcome = {}, {}
         for precision in ("fp32", "bf16"):
             with autocast(device, precision):
                 preds[precision] = torch.cat([certify.predict_noisy(model, x[0], e, sigma) for e in eps.split(args.batch)])
             counts = torch.bincount(preds[precision], minlength=C).cpu().numpy()
-            outcome[precision] = certify.certify_from_counts(counts, counts, args.n, 0.001, sigma)
+            outcome[precision] = smoothing.certify_from_counts(counts, counts, args.n, 0.001, sigma)
         differ += int((preds["fp32"] != preds["bf16"]).sum())
         samples += args.n
         outcome_differs += outcome["fp32"][0] != outcome["bf16"][0]

@@ -1,4 +1,5 @@
-"""CERTIFY and PREDICT against closed forms and independent statistics; certify.py's flags and results-file rules."""
+"""certify.py, the script: the radius it writes, the images it certifies, its flags and results-file rules.
+(The statistics are tested in test_smoothing.py and test_adaptive.py.)"""
 import fcntl
 import os
 import subprocess
@@ -7,78 +8,13 @@ import sys
 import numpy as np
 import pytest
 import torch
-from scipy.optimize import brentq
-from scipy.stats import binom, norm
+from scipy.stats import norm
 
 import certify
+import smoothing
 from conftest import ROOT
-
-
-def clopper_pearson_lower(k, n, alpha):
-    """Independent: the p at which P(X >= k | n, p) = alpha, by root finding on the binomial tail."""
-    return 0.0 if k == 0 else brentq(lambda p: binom.sf(k - 1, n, p) - alpha, 1e-15, 1 - 1e-15, xtol=1e-14)
-
-
-@pytest.mark.parametrize("k,n,alpha", [(1, 10, 0.05), (990, 1000, 0.001), (50, 100, 0.001), (100000, 100000, 0.001), (0, 100, 0.001)])
-def test_lower_confidence_bound_is_clopper_pearson(k, n, alpha):
-    assert abs(certify.lower_confidence_bound(k, n, alpha) - clopper_pearson_lower(k, n, alpha)) < 1e-9
-
-
-def test_certify_from_counts_closed_form():
-    sigma, n, alpha = 0.5, 1000, 0.001
-    counts0 = np.array([3, 90, 7])
-    pred, radius = certify.certify_from_counts(counts0, np.array([10, 980, 10]), n, alpha, sigma)
-    assert pred == 1 and abs(radius - sigma * norm.ppf(clopper_pearson_lower(980, n, alpha))) < 1e-9
-    # selection picks class 1, but estimation counts for class 1 are too low: abstain
-    assert certify.certify_from_counts(counts0, np.array([500, 480, 20]), n, alpha, sigma) == (certify.ABSTAIN, 0.0)
-
-
-class Linear(torch.nn.Module):
-    """Class 0 iff the mean of the model-space input is > 0, i.e. iff the mean pixel is > 0.5.
-    With x = 0.5 + d everywhere and pixel noise sigma, P(class 0) = Phi(d sqrt(D) / sigma), and the
-    exact L2 distance to the decision boundary is d sqrt(D): the smoothed radius must approach it."""
-
-    cfg = type("cfg", (), {"num_classes": 2})
-
-    def forward(self, x_t, t):
-        m = x_t.flatten(1).mean(1)
-        return torch.stack([m, -m], 1)
-
-
-def run_certify(d, sigma=0.5, n=20000, n0=100, batch=1000, seed=0, shape=(3, 4, 4)):
-    x = torch.full(shape, 0.5 + d)
-    classify = lambda x, eps: certify.predict_noisy(Linear(), x, eps, sigma)
-    counts0 = certify.sample_counts(classify, x, n0, batch, 2, seed, 7, "select")
-    counts = certify.sample_counts(classify, x, n, batch, 2, seed, 7, "estimate")
-    return certify.certify_from_counts(counts0, counts, n, 0.001, sigma), counts
-
-
-def test_certify_radius_matches_linear_classifier_closed_form():
-    D, sigma, d = 48, 0.5, 0.1
-    (pred, radius), counts = run_certify(d, sigma)
-    p = norm.cdf(d * np.sqrt(D) / sigma)
-    assert abs(counts[0] / counts.sum() - p) < 4 * np.sqrt(p * (1 - p) / counts.sum())
-    assert pred == 0
-    assert radius <= d * np.sqrt(D) and radius > d * np.sqrt(D) - 0.1  # the bound is below the truth, and close
-
-
-def test_certify_abstains_on_the_boundary():
-    (pred, radius), _ = run_certify(0.0, n=2000)
-    assert pred == certify.ABSTAIN and radius == 0.0
-
-
-def test_noise_does_not_depend_on_batch_size():
-    a = certify.noise((3, 4, 4), 500, 0, 1, 5, "estimate", torch.device("cpu"))
-    b = torch.cat([certify.noise((3, 4, 4), 200, s, 1, 5, "estimate", torch.device("cpu")) for s in (0, 200, 400)])[:500]
-    assert torch.equal(a, b)
-    c = certify.noise((3, 4, 4), 100, 0, 1, 6, "estimate", torch.device("cpu"))
-    assert not torch.equal(a[:100], c)  # another image gets other noise
-    assert abs(a.mean().item()) < 0.05 and abs(a.std().item() - 1) < 0.05
-
-
-def test_predict_uses_binomial_test():
-    assert certify.predict_from_counts(np.array([5, 60, 35]), 0.001) == certify.ABSTAIN  # p-value of 60 vs 35 is 0.013
-    assert certify.predict_from_counts(np.array([5, 80, 15]), 0.001) == 1
+from data import Images
+from test_smoothing import clopper_pearson_lower
 
 
 def test_radius_is_rounded_down_to_4_decimals():
@@ -88,24 +24,75 @@ def test_radius_is_rounded_down_to_4_decimals():
     assert certify.floor_radius(0.61649) == "0.6164" and certify.floor_radius(1.99999999) == "1.9999"
     # a certificate from counts: 9996 of 10000 at alpha 0.001, sigma 0.5 gives 1.486074...: written 1.4860, where
     # rounding to nearest would write 1.4861
-    _, radius = certify.certify_from_counts(np.array([0, 100]), np.array([4, 9996]), 10000, 0.001, 0.5)
+    _, radius = smoothing.certify_from_counts(np.array([0, 100]), np.array([4, 9996]), 10000, 0.001, 0.5)
     expected = 0.5 * norm.ppf(clopper_pearson_lower(9996, 10000, 0.001))
     assert abs(radius - expected) < 1e-9 and f"{expected:.4f}" == "1.4861" and certify.floor_radius(radius) == "1.4860"
 
 
-def test_imagenet_default_subset_is_500_images_from_500_classes():
-    """The val folder sorted by class, 50 images each: every 100th image is one image of every other class."""
-    labels = np.repeat(np.arange(1000), 50)
-    chosen = certify.certified_indices(len(labels), certify.DEFAULT_SKIP["imagenet"], 500)
-    assert len(chosen) == 500 and len(set(labels[chosen])) == 500
-    cifar = certify.certified_indices(10_000, certify.DEFAULT_SKIP["cifar10"], 500)
-    assert len(cifar) == 500 and cifar[:3] == [0, 20, 40] and cifar[-1] == 9980
+def test_imagenet_default_subset_takes_one_image_from_every_other_class(tmp_path):
+    """Carlini et al.'s subset, every 100th of ImageNet's 50,000 validation images, is one image from each of 500
+    classes only if the loader orders the images class by class, 50 each. A val/ folder of 40 classes x 50 files
+    (the real per-class count; names interleaved across classes as the official ILSVRC2012_val_* numbering is, so
+    a loader that sorted by file name would mix the classes), read by data.Images as certify.py reads it: the
+    default subset has 20 images from 20 distinct classes, every other one."""
+    classes = 40
+    for c in range(classes):
+        folder = tmp_path / "val" / f"n{1440764 + 17 * c:08d}"
+        folder.mkdir(parents=True)
+        for i in range(50):
+            (folder / f"ILSVRC2012_val_{i * classes + c + 1:08d}.JPEG").touch()
+    test = Images("imagenet", str(tmp_path), "test", torch.device("cpu"))
+    chosen = certify.certified_indices(len(test), certify.DEFAULT_SKIP["imagenet"], 500)
+    labels = test.labels[chosen].tolist()
+    assert len(test) == 2000 and labels == list(range(0, classes, 2))
+    assert certify.DEFAULT_SKIP["imagenet"] * 500 == 50_000 and certify.DEFAULT_SKIP["cifar10"] * 500 == 10_000
 
 
-@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf", "0.25,inf"])
 def test_sigma_must_be_finite(value):
     with pytest.raises(SystemExit, match="--sigma must be > 0 and finite"):
         certify.parse_args([f"--sigma={value}"])
+
+
+def test_sigma_default_is_the_released_grid_one_file_each(tmp_path):
+    """The released certify.py (as of Dec 2024) certified sigma 0.25, 0.5 and 1.0 by default, one file each."""
+    assert certify.parse_args([]).sigma == [0.25, 0.5, 1.0]
+    assert certify.parse_args(["--sigma", "0.5"]).sigma == [0.5]
+    args = certify.parse_args(["--checkpoint", "runs/ft/ckpt.pt", "--adaptive"])
+    assert [certify.out_path(args, s) for s in args.sigma] == [f"out/certify/ft_sigma{s}_adaptive.tsv" for s in ("0.25", "0.5", "1")]
+    args = certify.parse_args(["--out", "r/c.tsv", "--sigma", "0.25,1"])
+    assert [certify.out_path(args, s) for s in args.sigma] == ["r/c_sigma0.25.tsv", "r/c_sigma1.tsv"]
+    args = certify.parse_args(["--out", "r/c.tsv", "--sigma", "0.5"])
+    assert certify.out_path(args, 0.5) == "r/c.tsv"  # one sigma: --out as given
+    (tmp_path / "c_sigma0.5").mkdir()
+    for argv, message in ((["--sigma", "0.5,0.5"], "--sigma lists a value twice"),
+                          (["--sigma", "abc"], "argument --sigma: invalid float value: 'abc'"),
+                          (["--sigma", "0.5", "--out", str(tmp_path)], f"--out {tmp_path} is a directory; give a file name"),
+                          (["--out", str(tmp_path / "c")], f"--out {tmp_path}/c_sigma0.5 is a directory")):
+        with pytest.raises(SystemExit) as exited:
+            certify.parse_args(argv)
+        said = str(exited.value.code)
+        assert said.startswith("certify.py: error: ") and message in said and "\n" not in said, said
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--adaptive", "--stages", "150"], "--stages must be multiples of 100"),
+    (["--adaptive", "--stages", "1k"], "--stages must be comma-separated integers"),
+    (["--adaptive", "--n", "1050"], "--adaptive needs --n to be a multiple of 100"),
+    (["--adaptive", "--radii", "0,0.12345"], "at most 4 decimals"),
+    (["--adaptive", "--radii", "0,-1"], "--radii must be finite, >= 0"),
+    (["--adaptive", "--radii", "0,x"], "--radii must be numbers"),
+    (["--radii", "0,0.5"], "--stages and --radii need --adaptive"),
+])
+def test_adaptive_flags_are_checked(argv, message):
+    with pytest.raises(SystemExit, match=message):
+        certify.parse_args(argv)
+
+
+def test_adaptive_flags_parse():
+    args = certify.parse_args(["--adaptive", "--n", "500", "--stages", "100,200,900", "--radii", "0.5,0,0.25"])
+    assert args.stages == [100, 200, 500] and args.radii == [0.0, 0.25, 0.5]  # looks at or above n are n itself
+    assert certify.parse_args(["--adaptive", "--n", "10000"]).stages == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
 
 
 @pytest.mark.parametrize("out,reason", [("/proc/x", "cannot write /proc/x"), ("/etc/passwd/x", "/etc/passwd is not a directory")])

@@ -1,5 +1,7 @@
 """certify.py as a user runs it: killed and resumed, interrupted, two processes, one writer, the noise and time
-it feeds the model, refusing to mix results, bf16 reproducible, adaptive against fixed n on a trained checkpoint."""
+it feeds the model, refusing to mix results, nothing written before the inputs are known good, several sigmas in
+one command, bf16 reproducible, adaptive against fixed n on a trained checkpoint. Every run states its precision
+(fp32 unless bf16 is the point): `auto` means bf16 on CPUs with AVX512-BF16 or AMX and fp32 elsewhere."""
 import contextlib
 import glob
 import io
@@ -16,7 +18,10 @@ import torch
 
 import certify
 import report
+import smoothing
 from conftest import FAST, ROOT
+from data import Images
+from model import load_checkpoint, model_from_checkpoint
 
 
 def rows_without_time(path) -> list:
@@ -25,11 +30,12 @@ def rows_without_time(path) -> list:
 
 
 def certify_args(ckpt, cifar_dir, out, *extra):
-    return ["--checkpoint", ckpt, "--data-dir", cifar_dir, "--out", str(out), "--n", "300", "--n0", "100",
-            "--num", "5", "--skip", "3", "--batch", "200", *FAST, *extra]
+    return ["--checkpoint", ckpt, "--data-dir", cifar_dir, "--out", str(out), "--sigma", "0.25", "--n", "300", "--n0", "100",
+            "--num", "5", "--skip", "3", "--batch", "200", *FAST, "--precision", "fp32", *extra]
 
 
-ADAPTIVE = ["--adaptive", "--stages", "100"]  # looks at 100 and 300 samples; radii 0 and 0.25 (0.25 Phi^-1(0.0005^(1/300)) = 0.49)
+# looks at 100 and 300 samples; radii 0 and 0.25 of the paper's (0.25 Phi^-1(0.00099^(1/300)) = 0.49989 < 0.5)
+ADAPTIVE = ["--adaptive", "--stages", "100"]
 
 
 def run_quietly(argv) -> str:
@@ -54,12 +60,14 @@ def adaptive_run(finetuned, cifar_dir, tmp_path_factory):
 
 
 def torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
-    """Two processes under torchrun. On failure the message holds each rank's own stderr (--tee copies it to
-    the log dir), not only the launcher's summary, which cuts the cause off."""
+    """Two processes under torchrun, on CPU with gloo even on a GPU machine (RRCM_TEST_GPU=1 with one GPU would
+    otherwise pick NCCL and put rank 1 on a cuda:1 that does not exist). On failure the message holds each rank's
+    own stderr (--tee copies it to the log dir), not only the launcher's summary, which cuts the cause off."""
     logs = tmp_path / "torchrun_logs"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
            "--tee", "3", "--", *argv]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     if result.returncode != 0:
         ranks = "\n".join(f"--- {path}:\n{open(path).read()[-3000:]}" for path in sorted(glob.glob(f"{logs}/**/stderr.log", recursive=True)))
         raise AssertionError(f"torchrun exited {result.returncode}\n{ranks}\n--- launcher:\n{result.stderr[-2000:]}")
@@ -71,7 +79,12 @@ def test_two_process_certify_equals_one_process(adaptive_run, finetuned, cifar_d
     the same rounds and gather; one torchrun is what the time budget of the suite allows.)"""
     two = tmp_path / "two.tsv"
     torchrun(tmp_path, "certify.py", *certify_args(finetuned, cifar_dir, two, *ADAPTIVE))
-    one = rows_without_time(adaptive_run[0])
+    one = adaptive_run[0]
+    if torch.cuda.is_available():  # the two processes ran on the CPU (see torchrun), and CPU noise is not CUDA noise
+        one = tmp_path / "one.tsv"
+        subprocess.run([sys.executable, "certify.py", *certify_args(finetuned, cifar_dir, one, *ADAPTIVE, "--batch", "100")],
+                       cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=True, capture_output=True)
+    one = rows_without_time(one)
     assert len(one) == 6 and one == rows_without_time(two)  # header + 5 images, same order, predictions, radii, samples
 
 
@@ -193,22 +206,58 @@ def test_bf16_certification_is_reproducible(finetuned, cifar_dir, tmp_path):
     assert '"precision": "bf16"' in open(str(a) + ".json").read()
 
 
-def test_adaptive_table_agrees_with_fixed_n_on_the_fine_tuned_checkpoint(fixed_run, adaptive_run):
-    """Same images, same noise: the certified-accuracy table at the adaptive run's reported radii (0 and 0.25)
-    equals fixed-n CERTIFY's, the predictions are the same, and the adaptive run drew no more samples."""
-    fixed, adaptive = report.read_tsv(str(fixed_run[0])), report.read_tsv(str(adaptive_run[0]))
-    for r in (0.0, 0.25):
-        assert report.certified_accuracy(fixed["radius"], fixed["correct"], r) == report.certified_accuracy(adaptive["radius"], adaptive["correct"], r)
-    assert [row[2] for row in rows_without_time(fixed_run[0])] == [row[2] for row in rows_without_time(adaptive_run[0])]
-    assert set(adaptive["samples"]) <= {100, 300} and "stages [100, 300], radii [0.0, 0.25]" in adaptive_run[1]
+def test_adaptive_decisions_are_certify_on_the_samples_drawn(fixed_run, adaptive_run, finetuned, cifar_dir, tmp_path):
+    """Same images, same noise: each adaptive row is CERTIFY's decision on the first `samples` estimation samples of
+    the fixed run at that look's alpha (recomputed here from the same counts), and where it went to n = 300 its
+    prediction is the fixed run's. (The first three images: on this checkpoint one goes to 300, two stop at 100.)"""
+    fixed, adaptive = rows_without_time(fixed_run[0])[1:4], rows_without_time(adaptive_run[0])[1:4]
+    assert "looks [100, 300] at alpha 1e-05 each, the last at 0.00099; radii [0.0, 0.25]" in adaptive_run[1]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where certify.py ran: the same noise
+    model = model_from_checkpoint(load_checkpoint(finetuned, "finetune")).to(device).eval()
+    smooth = smoothing.Smooth(certify.RRCMClassifier(model, 0.25), model.cfg.num_classes, 0.25, batch=100)
+    test = Images("cifar10", cifar_dir, "test", device)
+    for (idx, label, pred, radius, correct, samples), fixed_row in zip(adaptive, fixed):
+        x = test.batch(torch.tensor([int(idx)]))[0][0]
+        counts0 = smooth.counts(x, 100, key=int(idx), phase=smoothing.SELECT)
+        counts = smooth.counts(x, int(samples), key=int(idx))
+        alpha_k = {100: 1e-5, 300: 0.001 - 1e-5}[int(samples)]  # 1 % of alpha at the early look
+        expected = smoothing.certify_from_counts(counts0, counts, int(samples), alpha_k, 0.25)
+        assert (int(pred), radius) == (expected[0], certify.floor_radius(expected[1]))
+        assert idx == fixed_row[0] and (int(samples) == 100 or pred == fixed_row[2])
 
 
 def test_progress_names_device_precision_and_eta(fixed_run, finetuned, cifar_dir, tmp_path, monkeypatch):
     printed = fixed_run[1]
-    assert "on CPU" in printed and "precision fp32" in printed
+    where = f"on {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "on CPU"  # RRCM_TEST_GPU=1 runs on the GPU
+    assert where in printed and "precision fp32" in printed
     lines = [line for line in printed.splitlines() if line.startswith("image ")]
     assert [line.split(" |")[0] for line in lines] == [f"image {k} / 5" for k in range(1, 6)]
     assert all("samples/s" in line and "elapsed 0:00:" in line and "ETA " in line for line in lines)
     monkeypatch.setattr(certify, "PROGRESS_EVERY", 0.0)  # a line after every batch, as every 30 s on a slow machine
     printed = run_quietly(certify_args(finetuned, cifar_dir, tmp_path / "c.tsv", "--num", "1", "--n", "200", "--batch", "100"))
     assert "image 1 / 1: 100 of 300 samples" in printed and "image 1 / 1: 300 of 300 samples" in printed
+
+
+def test_nothing_is_written_before_the_inputs_are_known_good(finetuned, cifar_dir, tmp_path):
+    """A bad --data-dir is refused before any file exists (no TSV, .json or lock); the corrected command, here with
+    another --n, then runs. A header-only file left by an older version is started afresh, not refused."""
+    out = tmp_path / "res" / "c.tsv"
+    empty = tmp_path / "no_cifar"
+    (empty / "cifar-10-batches-py").mkdir(parents=True)  # the folder without its files: refused, not downloaded
+    with pytest.raises(certify.UsageError, match="CIFAR-10 file .*test_batch is missing"):
+        certify.main(certify_args(finetuned, str(empty), out))
+    assert not (tmp_path / "res").exists()
+    out.parent.mkdir()
+    out.write_text(report.HEADER + "\n")
+    (tmp_path / "res" / "c.tsv.json").write_text('{"n": 300}')
+    run_quietly(certify_args(finetuned, cifar_dir, out, "--n", "200", "--num", "1"))
+    assert len(rows_without_time(out)) == 2 and '"n": 200' in open(str(out) + ".json").read()
+
+
+def test_several_sigmas_in_one_command(fixed_run, finetuned, cifar_dir, tmp_path):
+    """--sigma 0.25,0.5: one TSV per sigma, each with its own .json; sigma 0.25's rows are those of the
+    single-sigma run (the same noise), and the summary ends with the best-over-sigma row."""
+    printed = run_quietly(certify_args(finetuned, cifar_dir, tmp_path / "c.tsv", "--sigma", "0.25,0.5", "--num", "1"))
+    assert rows_without_time(tmp_path / "c_sigma0.25.tsv") == rows_without_time(fixed_run[0])[:2]
+    assert '"sigma": 0.5' in open(tmp_path / "c_sigma0.5.tsv.json").read() and len(rows_without_time(tmp_path / "c_sigma0.5.tsv")) == 2
+    assert "CERTIFY sigma 0.5 (fine-tuned at 0.25)" in printed and "best of above" in printed.splitlines()[-1]
