@@ -105,20 +105,57 @@ def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tens
     return torch.stack(out, 1)
 
 
-def color_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8, brightness: float = 0.4,
-                 contrast: float = 0.4, saturation: float = 0.2, hue: float = 0.1) -> torch.Tensor:
-    """ColorJitter(0.4, 0.4, 0.2, 0.1) applied with probability p, in the fixed order brightness,
-    contrast, saturation, hue (torchvision shuffles the order per call; the factors are the same)."""
-    B = x.shape[0]
-    per_image = lambda v: v[:, None, None, None]
-    y = (x * per_image(_uniform(g, B, 1 - brightness, 1 + brightness))).clamp(0, 1)
+def _jitter_brightness(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    return (y * f[:, None, None, None]).clamp(0, 1)
+
+
+def _jitter_contrast(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     mean = _gray(y).mean((1, 2, 3), keepdim=True)
-    y = ((y - mean) * per_image(_uniform(g, B, 1 - contrast, 1 + contrast)) + mean).clamp(0, 1)
+    return ((y - mean) * f[:, None, None, None] + mean).clamp(0, 1)
+
+
+def _jitter_saturation(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     gray = _gray(y)
-    y = ((y - gray) * per_image(_uniform(g, B, 1 - saturation, 1 + saturation)) + gray).clamp(0, 1)
+    return ((y - gray) * f[:, None, None, None] + gray).clamp(0, 1)
+
+
+def _jitter_hue(y: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     h, s, v = _rgb_to_hsv(y)
-    y = _hsv_to_rgb((h + _uniform(g, B, -hue, hue)[:, None, None]) % 1.0, s, v)
-    return torch.where(per_image(_coin(g, B, p)), y, x)
+    return _hsv_to_rgb((h + f[:, None, None]) % 1.0, s, v)
+
+
+JITTER_OPS = (_jitter_brightness, _jitter_contrast, _jitter_saturation, _jitter_hue)  # torchvision's fn_idx 0..3
+
+
+def color_jitter_plan(g: torch.Generator, n: int, brightness: float = 0.4, contrast: float = 0.4,
+                      saturation: float = 0.2, hue: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchvision's ColorJitter.get_params per image: a random order of its four ops (torch.randperm(4) on
+    every call, and the released dataset.py calls it once per image) and factors brightness, contrast,
+    saturation ~U(1 - s, 1 + s), hue ~U(-h, h). Returns (order [n, 4]: op indices in the order applied,
+    factors [n, 4]: one per op)."""
+    order = torch.rand(n, 4, generator=g, device=g.device).argsort(1)
+    factors = torch.stack([_uniform(g, n, 1 - brightness, 1 + brightness), _uniform(g, n, 1 - contrast, 1 + contrast),
+                           _uniform(g, n, 1 - saturation, 1 + saturation), _uniform(g, n, -hue, hue)], 1)
+    return order, factors
+
+
+def apply_color_jitter(x: torch.Tensor, order: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Apply a plan from `color_jitter_plan`: at stage k each image gets its k-th op, so every op runs on
+    B images in all (gathered per op, not computed for all and discarded)."""
+    y = x.clone()
+    for k in range(4):
+        for j, op in enumerate(JITTER_OPS):
+            rows = (order[:, k] == j).nonzero()[:, 0]
+            if len(rows):
+                y[rows] = op(y[rows], factors[rows, j])
+    return y
+
+
+def color_jitter(x: torch.Tensor, g: torch.Generator, p: float = 0.8) -> torch.Tensor:
+    """RandomApply([ColorJitter(0.4, 0.4, 0.2, 0.1)], p): the released MoCo views' jitter, in a random order
+    of its four ops drawn per image, as torchvision does on the released per-image pipeline."""
+    y = apply_color_jitter(x, *color_jitter_plan(g, x.shape[0]))
+    return torch.where(_coin(g, x.shape[0], p)[:, None, None, None], y, x)
 
 
 def random_grayscale(x: torch.Tensor, g: torch.Generator, p: float = 0.2) -> torch.Tensor:
@@ -384,14 +421,19 @@ def rand_augment(x: torch.Tensor, g: torch.Generator, num_ops: int = 2, magnitud
 
 def mixup_cutmix(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, mixup_alpha: float = 0.8,
                  cutmix_alpha: float = 1.0, switch_prob: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
-    """timm's Mixup in 'batch' mode with prob 1 (the released fine-tuning config): with probability
-    `switch_prob` CutMix, else Mixup, one lam ~ Beta(alpha, alpha) for the whole batch, each image mixed with
-    the batch reversed. CutMix pastes a box of side sqrt(1 - lam) times the image's, centred uniformly and
-    clipped at the border, and lam becomes 1 - (box area / image area). Returns (x, y_a, y_b, lam): the loss
-    is lam CE(y_a) + (1 - lam) CE(y_b), as timm's mixed one-hot targets (also with label smoothing)."""
+    """timm's Mixup in 'batch' mode with prob 1 (the released fine-tuning config): one lam for the whole
+    batch, each image mixed with the batch reversed. With both alphas > 0, CutMix with probability
+    `switch_prob`, else Mixup; with one of them 0, only the other (timm's _params_per_batch). Mixup: lam ~
+    Beta(mixup_alpha, mixup_alpha), x = lam x + (1 - lam) x_reversed. CutMix: lam ~ Beta(cutmix_alpha,
+    cutmix_alpha), a box of side sqrt(1 - lam) times the image's, centred uniformly and clipped at the border,
+    is pasted, and lam becomes 1 - (box area / image area). Returns (x, y_a, y_b, lam): the loss is
+    lam CE(y_a) + (1 - lam) CE(y_b), as timm's mixed one-hot targets (also with label smoothing)."""
+    if not (mixup_alpha > 0 or cutmix_alpha > 0):
+        raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device)))
     other = x.flip(0)
-    if rng.random() < switch_prob:
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < switch_prob)
+    if use_cutmix:
         lam = rng.beta(cutmix_alpha, cutmix_alpha)
         H, W = x.shape[-2:]
         cut_h, cut_w = int(H * math.sqrt(1 - lam)), int(W * math.sqrt(1 - lam))

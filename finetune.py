@@ -4,11 +4,13 @@ Every image gets m = 2 noisy copies x + sigma * eps (pixel space; 2 sigma in mod
 t of the 81-point grid nearest 2 sigma, model.smoothing_time). The loss is the consistency regulariser of
 Jeong & Shin (2020):
     mean_i CE(f(x_i), y) + eta1 * mean_i KL(p_bar || p_i) + eta2 * H(p_bar),   p_bar = mean_i p_i
-AdamW with layer-wise lr decay; the lr is scaled by batch / 256, warms up linearly, then follows a cosine,
-set once per epoch. Clean and noisy test accuracy every epoch.
+AdamW with layer-wise lr decay; the lr warms up linearly, then follows a cosine, set once per epoch, and is
+not scaled by the batch size (the authors' logs: scale_lr false; --scale-lr gives the released configs'
+lr x batch / 256). Clean and noisy test accuracy every epoch.
 
---dataset picks the released recipe (configs/cifar10_finetune.py, the ImageNet commands of the released
-README per sigma); every flag left unset takes its value, and the resolved configuration is printed.
+--dataset picks the recipe the authors' fine-tuning logs record (logs/finetune/*/cnsisv1_sigma*.log at
+commit 5716a39: batch 1024 and lr 2e-4 (1e-4 for ImageNet at sigma 1.0) for all six runs); every flag left
+unset takes its value, and the resolved configuration is printed.
 CIFAR-10: no augmentation, the classifier reads the raw class token. ImageNet: RandAugment, mixup/cutmix,
 label smoothing, the final LayerNorm on. As in the released code the linear head of a pre-trained encoder
 stays at its near-zero random init (--train-head trains it, as the paper's text says); from scratch
@@ -40,9 +42,14 @@ from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, load_chec
                    select_kernels, smoothing_time, to_model_space, vit_config)
 
 COPIES = 2  # m noisy copies per image
+# The authors fine-tuned on 8 processes (099127a:readme.md:61 `accelerate launch --num_processes 8`, with
+# split_batches=True, rrcm_tune.py:532), each applying timm's Mixup to its own 1/8 of the global batch: 8
+# mixing lambdas per step, partners taken within each eighth. A run with fewer shards does the same.
+MIXUP_GROUPS = 8
 
-# The released recipes: the released README's command for each dataset and sigma, on top of
-# configs/cifar10_finetune.py and configs/imagenet_finetune.py.
+# The recipes of the authors' six fine-tuning logs (the config each log opens with), which made the
+# paper's tables: 5716a39:logs/finetune/{cifar10,imagenet}-rRCM-B/cnsisv1_sigma*.log. They differ from the
+# released README commands (ImageNet batch 2048 / 256 at sigma 0.5 / 1.0) and configs (scale_lr=True).
 RECIPES = {
     "cifar10": {sigma: dict(epochs=100, warmup_epochs=10, schedule_epochs=None, batch=1024, lr=2e-4,
                             layer_decay=layer_decay, eta1=eta1, eta2=0.5, augment="weak", mixup=0.0, cutmix=0.0,
@@ -52,14 +59,15 @@ RECIPES = {
                              eta1=eta1, eta2=0.5, augment=augment, mixup=0.8, cutmix=1.0, label_smoothing=smoothing)
                  for sigma, epochs, schedule, batch, lr, augment, smoothing, eta1 in (
                      (0.25, 150, None, 1024, 2e-4, "autoaug", 0.1, 10.0),
-                     # the released 50-epoch run keeps its config's 150-epoch cosine (total_training_steps)
-                     (0.5, 50, 150, 2048, 2e-4, "strong", 0.0, 20.0),
-                     (1.0, 150, None, 256, 1e-4, "weak", 0.0, 20.0))},
+                     # the 50-epoch run keeps its config's 150-epoch cosine (its log: total_training_steps 150);
+                     # batch 1024 as its log:4 records (the released README command says 2048)
+                     (0.5, 50, 150, 1024, 2e-4, "strong", 0.0, 20.0),
+                     (1.0, 150, None, 1024, 1e-4, "weak", 0.0, 20.0))},  # log:4 batch 1024 (README: 256)
 }
 
 
 def recipe(dataset: str, sigma: float) -> dict:
-    """The released recipe of the listed sigma nearest to `sigma`."""
+    """The logged recipe of the listed sigma nearest to `sigma`."""
     listed = RECIPES[dataset]
     return listed[min(listed, key=lambda s: abs(math.log(s / sigma)))]
 
@@ -80,17 +88,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group(f"loss, Eq. (12) ({unset})")
     g.add_argument("--eta1", type=float, default=None, help="KL weight: 10 at sigma 0.25, 20 at 0.5 and 1.0")
     g.add_argument("--eta2", type=float, default=None, help="entropy weight: 0.5")
-    g.add_argument("--label-smoothing", type=float, default=None, help="cifar10 0; imagenet 0.1 / 0 / 0")
+    g.add_argument("--label-smoothing", type=float, default=None, help="cifar10 0; imagenet 0.1 / 0 / 0; only with "
+                   "--mixup or --cutmix (the released code smooths only through timm's mixed targets)")
     g = p.add_argument_group(f"optimisation ({unset})")
     g.add_argument("--epochs", type=int, default=None, help="cifar10 100; imagenet 150 / 50 / 150")
-    g.add_argument("--warmup-epochs", type=int, default=None, help="cifar10 10; imagenet 5")
+    g.add_argument("--warmup-epochs", type=int, default=None, help="then a cosine; 0: a constant lr. cifar10 10; imagenet 5")
     g.add_argument("--schedule-epochs", type=int, default=None, help="where the cosine reaches 0: --epochs, except "
                    "imagenet at sigma 0.5: 150 (its 50-epoch run ends at 78%% of the peak lr, as released)")
     g.add_argument("--batch", type=int, default=None, help="global batch of images (each gets 2 noisy copies): "
-                   "cifar10 1024; imagenet 1024 / 2048 / 256")
-    g.add_argument("--lr", type=float, default=None, help="base lr, before scaling by batch / 256: cifar10 2e-4; "
-                   "imagenet 2e-4 / 2e-4 / 1e-4")
-    g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=True, help="peak lr = lr * batch / 256 (released scale_lr)")
+                   "1024 (the authors' logs, both datasets, every sigma)")
+    g.add_argument("--lr", type=float, default=None, help="peak lr: cifar10 2e-4; imagenet 2e-4 / 2e-4 / 1e-4")
+    g.add_argument("--scale-lr", action=argparse.BooleanOptionalAction, default=False, help="peak lr = lr * batch "
+                   "/ 256, as the released configs (scale_lr=True); the authors' logs ran without (scale_lr: false)")
     g.add_argument("--layer-decay", type=float, default=None, help="layer-wise lr decay: cifar10 0.75 / 0.75 / 0.65; imagenet 0.65")
     g = p.add_argument_group(f"augmentation ({unset})")
     g.add_argument("--augment", default=None, choices=FINETUNE_AUGMENTS,
@@ -105,9 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (args.sigma > 0 and math.isfinite(args.sigma)):  # also rejects nan
         p.error(f"--sigma must be > 0 and finite, got {args.sigma}")
+    explicit_smoothing = args.label_smoothing is not None
     for key, value in recipe(args.dataset, args.sigma).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    mixing = args.mixup > 0 or args.cutmix > 0
     args.schedule_epochs = max(args.schedule_epochs or args.epochs, args.epochs)
     for name in ("epochs", "batch", "eval_images", "log_every", "save_every"):
         if getattr(args, name) < 1:
@@ -125,6 +136,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.label_smoothing < 1:
         p.error(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.label_smoothing and not mixing:
+        # rrcm_tune.py:662-664 (099127a): SoftTargetCrossEntropy on timm's smoothed mixed targets with mixing,
+        # plain nn.CrossEntropyLoss without: smoothing exists only through Mixup
+        if explicit_smoothing:
+            p.error("--label-smoothing needs --mixup or --cutmix: the released code smooths labels only through "
+                    "timm's mixed targets")
+        args.label_smoothing = 0.0  # the recipe's 0.1 (imagenet, sigma 0.25) with mixing turned off
     if args.init == "scratch" and args.preset is None:
         p.error("--init scratch needs --preset")
     if args.init != "scratch" and args.preset is not None:
@@ -141,12 +159,14 @@ def classification_loss(logits: torch.Tensor, y_a: torch.Tensor, smoothing: floa
                         lam: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy against the soft target lam * smooth(y_a) + (1 - lam) * smooth(y_b) (per row lam;
     y_b only with mixup/cutmix), smooth(y) = (1 - s) onehot(y) + s / C: by linearity, hard-label CE terms
-    plus s times the mean of -log p over the classes, so the fused hard-label kernel still serves."""
-    ce = kernels.cross_entropy(logits, y_a).float()
+    plus s times the mean of -log p over the classes, so the fused hard-label kernel still serves. In fp32
+    whatever autocast made the logits: a bf16 result would carry 3 significant digits."""
+    logits = logits.float()
+    ce = kernels.cross_entropy(logits, y_a)
     if y_b is not None:
-        ce = lam * ce + (1 - lam) * kernels.cross_entropy(logits, y_b).float()
+        ce = lam * ce + (1 - lam) * kernels.cross_entropy(logits, y_b)
     if smoothing:
-        uniform = -F.log_softmax(logits.float(), dim=-1).mean(-1)
+        uniform = -F.log_softmax(logits, dim=-1).mean(-1)
         ce = (1 - smoothing) * ce + smoothing * uniform
     return ce.mean()
 
@@ -154,7 +174,8 @@ def classification_loss(logits: torch.Tensor, y_a: torch.Tensor, smoothing: floa
 def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: float, smoothing: float = 0.0,
                   y_b: torch.Tensor | None = None, lam: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Eq. (12). logits: [m, B, C] for the m noisy copies of a batch with labels y [B] (mixed with y_b [B]
-    at per-image weight lam [B] by mixup/cutmix)."""
+    at per-image weight lam [B] by mixup/cutmix). Every term in fp32, under autocast too. As released
+    (rrcm_tune.py consistency_loss), the KL is to the mean p_bar, which is not detached."""
     m, B, C = logits.shape
     if y_b is None:
         ce = classification_loss(logits.reshape(m * B, C), y.repeat(m), smoothing)
@@ -162,8 +183,9 @@ def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: floa
         ce = classification_loss(logits.reshape(m * B, C), y.repeat(m), smoothing, y_b.repeat(m), lam.repeat(m))
     log_p = F.log_softmax(logits.float(), dim=-1)
     p_bar = log_p.exp().mean(0)
-    # KL(p_bar || p_i) = sum_c p_bar (log p_bar - log p_i); xlogy makes 0 log 0 = 0 exactly.
-    kl = (torch.special.xlogy(p_bar, p_bar).sum(-1) - (p_bar * log_p).sum(-1)).mean()
+    # KL(p_bar || p_i) = sum_c p_bar (log p_bar - log p_i); xlogy makes 0 log 0 = 0 exactly. It is >= 0 (Gibbs),
+    # but for near-equal copies (a near-zero head) rounding of the two sums can dip below 0: clamp per row.
+    kl = (torch.special.xlogy(p_bar, p_bar).sum(-1) - (p_bar * log_p).sum(-1)).clamp_min(0).mean()
     entropy = -torch.special.xlogy(p_bar, p_bar).sum(-1).mean()
     return ce + eta1 * kl + eta2 * entropy, dict(ce=ce, kl=kl, entropy=entropy)
 
@@ -191,9 +213,13 @@ def layer_groups(model: ViT, decay: float) -> list[dict]:
 
 
 def learning_rate(epoch: int, peak: float, warmup: int, schedule: int) -> float:
-    """lr of epoch e = 0, 1, ...: e / W * peak up to e = W, then a cosine reaching 0 at e = `schedule`
-    (released "warmup-cosine" stepped once per epoch, so the first epoch runs at lr 0 when W > 0)."""
-    if epoch <= warmup and warmup > 0:
+    """lr of epoch e = 0, 1, ...: e / W * peak up to e = W, then a cosine reaching 0 at e = `schedule`: the
+    released "warmup-cosine" (rrcm/utils.py customized_lr_scheduler) under LambdaLR stepped once per epoch,
+    so the first epoch runs at lr 0. The logs print the lr *after* each epoch's step: epoch e logs the lr of
+    epoch e + 1. W = 0 is a constant lr, no cosine (099127a:rrcm/utils.py:311,323)."""
+    if warmup == 0:
+        return peak
+    if epoch <= warmup:
         return peak * epoch / warmup
     return peak * 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, schedule - warmup)))
 
@@ -203,15 +229,19 @@ def learning_rate(epoch: int, peak: float, warmup: int, schedule: int) -> float:
 def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -> tuple:
     """This rank's batch of step k: (x_t, t, y_a, y_b, lam) with the m noisy copies stacked, drawn shard by
     shard (data.local_shards); y_b and lam (per image) are None without mixup/cutmix. Mixing comes before
-    the noise, so both copies share the mixed image (as released)."""
+    the noise, so both copies share the mixed image (as released). Each shard is mixed in
+    ceil(MIXUP_GROUPS / shards) groups, so a step draws MIXUP_GROUPS lambdas, as the authors' 8 processes did."""
     mixing = args.mixup > 0 or args.cutmix > 0
     xs, ys_a, ys_b, lams, epss = [], [], [], [], []
     for shard, idx in local_shards(batch_indices(len(train), args.batch, step, args.seed, rank, world), rank, world, args.shards):
         g = generator(device, args.seed, "step", step, shard)
         x, y = train.finetune_batch(idx, g, args.augment)
         if mixing:
-            x, y, y_b, lam = mixup_cutmix(x, y, g, args.mixup, args.cutmix)
-            ys_b.append(y_b), lams.append(torch.full((len(y),), lam, device=device))
+            groups = min(len(y), -(-MIXUP_GROUPS // args.shards))
+            mixed = [mixup_cutmix(xg, yg, g, args.mixup, args.cutmix) for xg, yg in zip(x.tensor_split(groups), y.tensor_split(groups))]
+            x, y = torch.cat([m[0] for m in mixed]), torch.cat([m[1] for m in mixed])
+            ys_b.append(torch.cat([m[2] for m in mixed]))
+            lams.append(torch.cat([torch.full((len(m[1]),), m[3], device=device) for m in mixed]))
         xs.append(x), ys_a.append(y)
         epss.append(torch.randn((COPIES, *x.shape), generator=g, device=device))
     x, eps = torch.cat(xs), torch.cat(epss, dim=1)
@@ -334,7 +364,7 @@ def main(argv=None) -> None:
                     torch.distributed.all_reduce(metrics)
                     metrics /= world
                 say(f"step {step}/{total} | loss {metrics[0]:.4f} | ce {metrics[1]:.4f} | kl {metrics[2]:.4f} | "
-                    f"entropy {metrics[3]:.4f} | lr {opt.param_groups[-1]['lr']:.2e} | {progress.line(step)}")
+                    f"entropy {metrics[3]:.4f} | lr {lr:.2e} | {progress.line(step)}")  # the head's (lr_scale 1), as the logs print
             if step % steps_per_epoch == 0:
                 clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, rank, world, args.batch, mixed)
                 say(f"epoch {step // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")

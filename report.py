@@ -5,18 +5,33 @@
     python report.py out/certify/*.tsv --plot curves.png     # certified accuracy vs radius (needs matplotlib)
 
 Certified accuracy at radius r = the fraction of images that are classified correctly with certified
-radius >= r (abstentions count as wrong); ACR = mean of radius * correct.
+radius >= r (abstentions count as wrong); ACR = mean of radius * correct. The paper's Table 2 is the best
+over its Table 9 grid (fine-tuning sigma x certification sigma): pass all nine runs with --envelope.
+
+A run whose predictions fall on a few classes gets a note under the table: its certified accuracy is then
+little more than the share of the test set those classes hold (a frozen near-zero head does this).
 """
 import argparse
+import json
 import math
 import os
 import sys
+from statistics import NormalDist
 
 import numpy as np
 
 HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s format, read by every paper in the field
 ADAPTIVE_HEADER = HEADER + "\tsamples"  # certify.py --adaptive adds the estimation samples it drew
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
+# The table's last radius column: sigma = 1.0, the paper's largest, certifies at most 3.81 with its
+# n = 100,000, so 4.0 holds every radius of the paper's settings in 17 columns (a TSV does not say its sigma;
+# any larger radius still counts in the last column, and certify.py's sidecar bounds it exactly).
+MAX_COLUMN_RADIUS = 4.0
+# A run is "collapsed" when its predictions need at most half as many classes to cover 90 % of them as the
+# labels need to cover 90 % of the images: it can then be right on little more than the images of those
+# few classes (on a balanced test set, their share of it), whatever its robustness. A healthy CIFAR-10
+# classifier needs about 9 classes, like the labels; the frozen-head tutorial run needed 2.
+COVER, COLLAPSE_RATIO, COLLAPSE_MIN_IMAGES = 0.9, 0.5, 20
 
 
 class ReportError(ValueError):
@@ -73,8 +88,29 @@ def check_rows(path: str, data: bytes, header: str | None = None) -> list[list[s
     return rows
 
 
+def largest_radius(sigma: float, n: int, alpha: float) -> float:
+    """The largest radius CERTIFY can return: all n samples correct, pA_lower = alpha^(1/n) (Clopper-Pearson)."""
+    return sigma * NormalDist().inv_cdf(alpha ** (1 / n))
+
+
+def check_radii(path: str, radius: np.ndarray) -> None:
+    """With certify.py's sidecar <tsv>.json (sigma, n, alpha), refuse radii that no run of that configuration
+    can certify: a file edited by hand, or from another configuration."""
+    try:
+        with open(path + ".json") as f:
+            meta = json.load(f)
+        # Abstentions are written as radius 0, also where n is too small to certify anything (bound < 0).
+        bound = max(0.0, largest_radius(float(meta["sigma"]), int(meta["n"]), float(meta["alpha"])))
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no (usable) sidecar: a TSV from other code; the table's columns stay bounded anyway
+    if len(radius) and radius.max() > bound + 1e-4:
+        line = int(radius.argmax()) + 2
+        raise ReportError(f"{path}, line {line}: radius {radius.max():g} is more than n = {meta['n']} samples can certify "
+                          f"at sigma {meta['sigma']:g} and alpha {meta['alpha']:g} (at most {bound:.4f})")
+
+
 def read_tsv(path: str) -> dict[str, np.ndarray]:
-    """radius, correct, time (and samples for adaptive runs) of a checked certification TSV."""
+    """label, predict, radius, correct, time (and samples for adaptive runs) of a checked certification TSV."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -82,9 +118,10 @@ def read_tsv(path: str) -> dict[str, np.ndarray]:
         raise ReportError(f"cannot read {path}") from None
     rows = check_rows(path, data)
     cols = np.array(rows, dtype=float).reshape(len(rows), -1).T if rows else np.zeros((7, 0))
-    run = dict(radius=cols[3], correct=cols[4], time=cols[5])
+    run = dict(label=cols[1], predict=cols[2], radius=cols[3], correct=cols[4], time=cols[5])
     if data.startswith(ADAPTIVE_HEADER.encode()):
         run["samples"] = cols[6]
+    check_radii(path, run["radius"])
     return run
 
 
@@ -98,9 +135,32 @@ def average_certified_radius(radius: np.ndarray, correct: np.ndarray) -> float:
 
 
 def radii_for(runs: list[dict]) -> np.ndarray:
-    """0, 0.25, ... up to the largest certified radius of any run (at least 1.0)."""
-    largest = max([1.0] + [float(r["radius"].max(initial=0)) for r in runs])
+    """0, 0.25, ... up to the largest certified radius of any run (at least 1.0, at most MAX_COLUMN_RADIUS:
+    the last column counts every larger radius too)."""
+    largest = min(MAX_COLUMN_RADIUS, max([1.0] + [float(r["radius"].max(initial=0)) for r in runs]))
     return np.arange(0, largest + 1e-9, 0.25)
+
+
+def classes_covering(values: np.ndarray, share: float = COVER) -> list[int]:
+    """The fewest classes, most frequent first, that hold `share` of `values` (abstentions, -1, left out)."""
+    classes, counts = np.unique(values[values >= 0].astype(int), return_counts=True)
+    order = np.argsort(-counts, kind="stable")
+    needed = int(np.searchsorted(np.cumsum(counts[order]), share * counts.sum() - 1e-9)) + 1
+    return [int(c) for c in classes[order][:needed]]
+
+
+def collapse_note(name: str, run: dict) -> str | None:
+    """A one-line warning when the run's predictions fall on far fewer classes than its labels (COLLAPSE_*)."""
+    predict, label = run["predict"], run["label"]
+    if (predict >= 0).sum() < COLLAPSE_MIN_IMAGES:
+        return None
+    used, needed = classes_covering(predict), classes_covering(label)
+    if len(used) > COLLAPSE_RATIO * len(needed):
+        return None
+    names = (f"class {used[0]}" if len(used) == 1 else "classes " + ", ".join(map(str, used[:-1])) + f" and {used[-1]}")
+    covered = int(np.isin(predict, used).sum())
+    return (f"{name}: {covered} of {len(predict)} predictions are {names}: the table is close to the class prior "
+            f"(the labels need {len(needed)} classes to cover {COVER:.0%} of the images)")
 
 
 def table(names: list[str], runs: list[dict], envelope: bool = False) -> str:
@@ -114,6 +174,7 @@ def table(names: list[str], runs: list[dict], envelope: bool = False) -> str:
     if envelope:
         best = [max(certified_accuracy(run["radius"], run["correct"], r) for run in runs) * 100 for r in radii]
         lines.append(f"{'best of above':{width}s} " + " ".join(f"{a:6.1f}" for a in best) + "      -")
+    lines += [note for note in (collapse_note(name, run) for name, run in zip(names, runs)) if note]
     return "\n".join(lines)
 
 
@@ -154,6 +215,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     names = [os.path.splitext(os.path.basename(t))[0] for t in args.tsv]
     runs = [read_tsv(t) for t in args.tsv]
+    for path, run in zip(args.tsv, runs):
+        if not len(run["radius"]):
+            raise ReportError(f"{path} has no results yet (only its header)")
     print(table(names, runs, args.envelope))
     if args.plot:
         plot(names, runs, args.plot, args.envelope)

@@ -139,13 +139,73 @@ def test_blur_matches_pil_gaussian_blur(size):
         assert abs(var_x - r ** 2) < 1e-4 and abs(var_y - r ** 2) < 1e-4, (r, var_x, var_y)
 
 
-def test_gaussian_blur_draws_radius_per_image():
-    x = _uint8_images(6, 16, 16)
-    out = augment.gaussian_blur(x, data.generator(torch.device("cpu"), 5), p=1.0)
-    g = data.generator(torch.device("cpu"), 5)
-    radii = 0.1 + 1.9 * torch.rand(6, generator=g)
-    for b in range(6):
-        assert torch.allclose(out[b], augment.pil_gaussian_blur(x[b:b + 1], radii[b:b + 1])[0], atol=1e-6)
+def test_gaussian_blur_draws_a_radius_per_image_over_its_range():
+    """Read each image's radius back from its impulse response (PIL's blur of radius r has std exactly r,
+    tested above) instead of replaying the draw: one radius per image, spread as U(0.1, 2), and p the share
+    of images blurred."""
+    n, size = 400, 17
+    delta = torch.zeros(n, 1, size, size)
+    delta[:, :, size // 2, size // 2] = 1.0
+    out = augment.gaussian_blur(delta, data.generator(torch.device("cpu"), 5), p=1.0)[:, 0]
+    offsets = torch.arange(size, dtype=torch.float32) - size // 2
+    radius = (out.sum(1) * offsets ** 2).sum(1).sqrt()  # the std of the response along x
+    assert radius.min() > 0.1 - 1e-3 and radius.max() < 2.0 + 1e-3
+    uniform_cdf = (radius.sort().values - 0.1) / 1.9
+    ks = (uniform_cdf - torch.arange(1, n + 1) / n).abs().max()
+    assert ks < 1.63 / math.sqrt(n), ks  # Kolmogorov-Smirnov against U(0.1, 2) at p = 0.01
+    half = augment.gaussian_blur(delta, data.generator(torch.device("cpu"), 6), p=0.5)
+    blurred = (half[:, 0, size // 2, size // 2] < 1).float().mean()
+    assert abs(blurred - 0.5) < 4 * math.sqrt(0.25 / n)
+
+
+def _pil_hue(im, factor: float):
+    """torchvision's adjust_hue on a PIL image (what the released per-image ColorJitter runs): shift the
+    uint8 hue channel of PIL's HSV by int8(factor * 255), wrapping around."""
+    from PIL import Image
+    h, s, v = im.convert("HSV").split()
+    shifted = np.array(h, dtype=np.uint8) + np.int8(factor * 255).astype(np.uint8)
+    return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
+
+
+def test_color_jitter_follows_each_images_order_as_pil():
+    """ColorJitter(0.4, 0.4, 0.2, 0.1) as the released PIL pipeline runs it: torchvision's adjust_brightness,
+    adjust_contrast, adjust_saturation (ImageEnhance.Brightness, Contrast, Color) and adjust_hue on PIL images,
+    in each image's own order. All 24 orders, one per image, with strong factors; floats against PIL's uint8
+    steps agree within 2.5/255 per image on average, while the reversed order is off by more than that."""
+    import itertools
+
+    from PIL import ImageEnhance
+    smooth = torch.nn.functional.interpolate(_uint8_images(24, 6, 6, seed=7), size=(24, 24), mode="bilinear")
+    x = (smooth * 255).round() / 255
+    order = torch.tensor(list(itertools.permutations(range(4))))
+    factors = torch.tensor([[1.35, 0.65, 1.2, 0.08]]).expand(24, 4)
+    pil_ops = [lambda im, f: ImageEnhance.Brightness(im).enhance(f), lambda im, f: ImageEnhance.Contrast(im).enhance(f),
+               lambda im, f: ImageEnhance.Color(im).enhance(f), _pil_hue]
+    out = augment.apply_color_jitter(x, order, factors)
+
+    def pil_jitter(b, ops):
+        im = _pil(x[b])
+        for j in ops:
+            im = pil_ops[j](im, float(factors[b, j]))
+        return _from_pil(im)
+
+    for b in range(24):
+        error = ((out[b] * 255) - pil_jitter(b, order[b].tolist())).abs().mean()
+        reversed_error = ((out[b] * 255) - pil_jitter(b, order[b].flip(0).tolist())).abs().mean()
+        assert error < 2.5 < reversed_error, (order[b].tolist(), error, reversed_error)
+
+
+def test_color_jitter_draws_an_order_per_image():
+    """torchvision draws randperm(4) on every call, i.e. per image: all 24 orders, equally often."""
+    n = 4800
+    order, factors = augment.color_jitter_plan(data.generator(torch.device("cpu"), 3), n)
+    assert torch.equal(order.sort(1).values, torch.arange(4).expand(n, 4))  # each row a permutation
+    codes = (order * torch.tensor([64, 16, 4, 1])).sum(1)
+    counts = torch.unique(codes, return_counts=True)[1].float()
+    assert len(counts) == 24 and ((counts - n / 24) ** 2 / (n / 24)).sum() < 49.7  # chi-square, 23 dof, p = 0.001
+    lo, hi = factors.min(0).values, factors.max(0).values
+    assert torch.allclose(lo, torch.tensor([0.6, 0.6, 0.8, -0.1]), atol=0.01)
+    assert torch.allclose(hi, torch.tensor([1.4, 1.4, 1.2, 0.1]), atol=0.01)
 
 
 def _torchvision_box(u, height, width, scale, ratio):
@@ -272,20 +332,31 @@ def test_rand_augment_plan_statistics():
     assert abs((sign < 0).float().mean() - 0.5) < 4 * math.sqrt(0.25 / (2 * n))
 
 
-def test_rand_augment_applies_its_plan():
-    x = _uint8_images(16, 24, 24, seed=9)
-    out = augment.rand_augment(x, data.generator(torch.device("cpu"), 11))
-    op, applied, level, sign = augment.rand_augment_plan(data.generator(torch.device("cpu"), 11), 16)
+def test_rand_augment_applies_a_plan_in_order_as_pil():
+    """apply_rand_ops against timm's PIL ops composed by hand, for a hand-written plan: each image's two slots
+    in order, a slot skipped where it is not applied, each image at its own level and sign (pixel ops, where
+    the batched ops are exact). Images 2 and 3 hold the same two ops in opposite orders."""
+    from PIL import ImageEnhance, ImageOps
+    x = _uint8_images(4, 20, 27, seed=5)
+    plan = [[("Invert", True, 9.0, 1.0), ("Equalize", True, 9.0, 1.0)],
+            [("SolarizeIncreasing", False, 9.0, 1.0), ("AutoContrast", True, 9.0, 1.0)],
+            [("ColorIncreasing", True, 8.0, -1.0), ("PosterizeIncreasing", True, 3.0, 1.0)],
+            [("PosterizeIncreasing", True, 3.0, 1.0), ("ColorIncreasing", True, 8.0, -1.0)]]
     names = list(augment.RAND_OPS)
-    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
-    assert torch.equal((out * 255).round(), out * 255)  # uint8 values, as timm's PIL images
-    for b in range(16):
-        v = (x[b:b + 1] * 255).round()
-        for k in range(2):
-            if applied[b, k]:
-                v = augment.RAND_OPS[names[op[b, k]]](v, level[b:b + 1, k], sign[b:b + 1, k])
-        assert torch.equal(out[b] * 255, v[0]), b
-    assert bool((~applied.any(1)).any()) and bool(applied.all(1).any())
+    op = torch.tensor([[names.index(slot[0]) for slot in row] for row in plan])
+    applied, level, sign = (torch.tensor([[slot[k] for slot in row] for row in plan]) for k in (1, 2, 3))
+    pil = {"Invert": lambda im, lv, sg: ImageOps.invert(im), "Equalize": lambda im, lv, sg: ImageOps.equalize(im),
+           "AutoContrast": lambda im, lv, sg: ImageOps.autocontrast(im),
+           "SolarizeIncreasing": lambda im, lv, sg: ImageOps.solarize(im, 256 - int(lv / 10 * 256)),
+           "ColorIncreasing": lambda im, lv, sg: ImageEnhance.Color(im).enhance(max(0.1, 1 + sg * lv / 10 * 0.9)),
+           "PosterizeIncreasing": lambda im, lv, sg: ImageOps.posterize(im, 4 - int(lv / 10 * 4))}
+    out = augment.apply_rand_ops(x, op, applied, level, sign)
+    for b, row in enumerate(plan):
+        im = _pil(x[b])
+        for name, on, lv, sg in row:
+            im = pil[name](im, lv, sg) if on else im
+        assert torch.equal(out[b] * 255, _from_pil(im)), b
+    assert not torch.equal(out[2], out[3])
 
 
 def test_mixup_and_cutmix_statistics():
@@ -312,6 +383,24 @@ def test_mixup_and_cutmix_statistics():
     # Beta(0.8, 0.8): mean 1/2, variance 1 / (4 (2 alpha + 1)) = 0.0962
     assert abs(lams.mean() - 0.5) < 4 * math.sqrt(0.0962 / len(lams))
     assert abs(lams.var() - 0.0962) < 0.015
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.8, 0.0), (0.0, 1.0)])
+def test_mixup_or_cutmix_alone(mixup, cutmix):
+    """With one alpha 0, timm uses the other every time (it used to draw Beta(0, 0) and crash)."""
+    B, H, W = 8, 20, 30
+    x = torch.arange(B, dtype=torch.float32)[:, None, None, None].expand(B, 3, H, W).contiguous()
+    lams = []
+    for step in range(300):
+        out, _, _, lam = augment.mixup_cutmix(x, torch.arange(B), data.generator(torch.device("cpu"), "alone", step), mixup, cutmix)
+        pasted = bool(((out == x) | (out == x.flip(0))).all())
+        if mixup:
+            assert torch.allclose(out, lam * x + (1 - lam) * x.flip(0), atol=1e-5) and (not pasted or lam in (0.0, 1.0))
+        else:
+            assert pasted and abs((out == x.flip(0)).all(1)[0].float().mean().item() - (1 - lam)) < 1e-6
+        lams.append(lam)
+    if mixup:  # Beta(0.8, 0.8): variance 1 / (4 (2 alpha + 1)) = 0.0962
+        assert abs(torch.tensor(lams).var() - 0.0962) < 0.025
 
 
 # ----------------------------------------------------------------------------------------------------

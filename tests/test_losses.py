@@ -74,3 +74,23 @@ def test_finetune_noise_uses_the_same_convention():
     x, eps = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_t, t = model.noisy_input(x, 0.5, eps)
     assert torch.allclose(x_t, 2 * (x + 0.5 * eps) - 1) and abs(t - 0.9654) < 1e-4
+
+
+def test_finetune_loss_terms_stay_fp32_and_kl_non_negative_under_bf16_autocast():
+    """Assumes bf16 autocast on the CPU (emulated where the CPU lacks it). A near-zero head gives two noisy
+    copies nearly equal logits: KL(p_bar || p_i) is then ~1e-10 and the rounding of its two sums used to push
+    it below 0 in about half the batches ("kl loss is -inf" once multiplied by inf). Every term must come out
+    fp32, KL >= 0 (Gibbs' inequality), and CE must match an fp32 reference, not bf16's 3 significant digits."""
+    torch.manual_seed(0)
+    y = torch.randint(0, 10, (20,))
+    for trial in range(100):
+        h = torch.randn(2, 20, 192)
+        h[1] = h[0] + 1e-3 * torch.randn(20, 192)  # the two noisy copies' features, nearly equal
+        head = torch.randn(10, 192) * 2e-5 * (1 + trial % 5)  # the released near-zero head
+        with torch.autocast("cpu", torch.bfloat16):
+            logits = torch.nn.functional.linear(h, head)
+            _, parts = finetune.finetune_loss(logits, y, 10.0, 0.5)
+        assert logits.dtype == torch.bfloat16 and all(v.dtype == torch.float32 for v in parts.values())
+        assert parts["kl"].item() >= 0 and parts["entropy"].item() >= 0, (trial, parts)
+        want = torch.nn.functional.cross_entropy(logits.float().reshape(40, 10), y.repeat(2))
+        assert abs(parts["ce"].item() - want.item()) < 1e-6 * want.item(), (parts["ce"].item(), want.item())
