@@ -5,12 +5,14 @@ Each step, for a batch of images x:
       x_{t_{n+1}} = x + t_{n+1} eps share eps, so they are adjacent points of one PF-ODE trajectory.
       InfoNCE pulls h(x_{t_n}, t_n) towards stop-grad h(x_{t_{n+1}}, t_{n+1}) of the *same* online model
       (EMA rate 0), with the other images of the (global) batch as negatives.
-  contrastive loss: MoCo-v3 InfoNCE between the projector outputs of two augmented views at t = sigma_min,
-      keys from a target copy whose EMA rate rises 0.99 -> 0.9999 (App. C, Eq. 13-15).
-The loss is consistency + both contrastive directions summed (2 : 1, the released code; the paper's
-Algorithm 1 uses one direction, 1 : 1: --one-direction). The discretisation N grows 20 -> 40 -> 80
-(improved consistency training's doubling curriculum). The lr warms up linearly, then decays with a cosine
-to 0 at the last step (released code; its config comment says "no cosine annealing").
+  contrastive loss: MoCo-v3 InfoNCE between the online projector output of view 1 and the key of view 2
+      at t = sigma_min, from a target copy whose EMA rate rises 0.99 -> 0.9999 (App. C, Eq. 13-15).
+The loss is consistency + contrastive, 1 : 1, one contrastive direction: the paper's Algorithm 1 and every
+release up to the paper (rrcm_denoiser.py at 099127a); --symmetric adds the second direction (view 2's
+query against view 1's key, 2 : 1) that came in commit 25403e9 on 2025-01-23, after acceptance. The
+discretisation N grows 20 -> 40 -> 80 (improved consistency training's doubling curriculum). The lr warms
+up linearly, then decays with a cosine to 0 at the last step (released code; its config comment says "no
+cosine annealing").
 
 --dataset picks the recipe of the released configs (CIFAR-10 rRCM-B, ImageNet rRCM-B/S); every flag left
 unset takes that recipe's value, and the resolved configuration is printed at start.
@@ -41,11 +43,19 @@ from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigma
                    resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
-FORWARDS_PER_IMAGE = 12  # online: 3 passes x (fwd + 2 bwd) = 9; no-grad: consistency key + 2 target views = 3
 
 
-# The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B, B-Deep)
-# and imagenet_pretrain_rcms.py (S, and tiny). ImageNet keeps the patch embedding at its random init
+def forwards_per_image(symmetric: bool) -> int:
+    """Forward-equivalents per image and step (a backward counts as 2): online passes with gradients x 3 plus
+    passes without. One direction: consistency query + view 1 online (6), consistency key + target view 2
+    (2) = 8; --symmetric adds view 2 online and target view 1: 9 + 3 = 12."""
+    return 12 if symmetric else 8
+
+
+
+# The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B) and
+# imagenet_pretrain_rcms.py (S, and tiny). No config for ImageNet B-Deep was released: the paper's Table 4
+# gives it lr 1e-4, the rest is rRCM-B's. ImageNet keeps the patch embedding at its random init
 # (stop_grad_conv1, MoCo v3's trick for stable ViT training).
 RECIPES = {
     "cifar10": dict(steps=300_000, batch=2048, lr=1e-4, weight_decay=0.0, warmup=10_000, ema_sharpness=15.0,
@@ -54,11 +64,16 @@ RECIPES = {
                      freeze_patch_embed=True),
     "imagenet-S": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.01, warmup=10_000, ema_sharpness=10.0,
                        freeze_patch_embed=True),
+    "imagenet-B-Deep": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
+                            freeze_patch_embed=True),  # paper Table 4's lr; not a released config
 }
+TAU_RANGE = (0.01, 1.0)  # the paper and MoCo v3 (ViT) use 0.2
 
 
 def recipe_name(dataset: str, preset: str) -> str:
-    return "imagenet-S" if dataset == "imagenet" and preset in ("S", "tiny") else dataset
+    if dataset == "imagenet" and preset in ("S", "tiny", "B-Deep"):
+        return {"S": "imagenet-S", "tiny": "imagenet-S", "B-Deep": "imagenet-B-Deep"}[preset]
+    return dataset
 
 
 def recipe_help(key: str) -> str:
@@ -78,14 +93,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--batch", type=int, default=None, help="global batch, split across ranks: " + recipe_help("batch"))
     g.add_argument("--lr", type=float, default=None, help="AdamW peak lr: " + recipe_help("lr"))
     g.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then cosine to 0: " + recipe_help("warmup"))
+    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then cosine to 0 (0: a constant lr): " + recipe_help("warmup"))
     g.add_argument("--grad-clip", type=float, default=2.0, help="max grad norm, applied after warm-up")
     g = p.add_argument_group("rRCM")
-    g.add_argument("--tau", type=float, default=0.2, help="InfoNCE temperature of both losses")
+    g.add_argument("--tau", type=float, default=0.2, help=f"InfoNCE temperature of both losses, in [{TAU_RANGE[0]:g}, "
+                   f"{TAU_RANGE[1]:g}]")
     g.add_argument("--ema-sharpness", type=float, default=None, help="A of the target EMA sigmoid: " + recipe_help("ema_sharpness"))
-    g.add_argument("--one-direction", action="store_true",
-                   help="the paper's Algorithm 1: one contrastive direction, 1 : 1 with consistency (default: the "
-                        "released code's two directions summed, 2 : 1)")
+    g.add_argument("--symmetric", action="store_true",
+                   help="add the second contrastive direction (view 2's query against view 1's key; 2 : 1 with "
+                        "consistency), as the released code since 2025-01-23; default: one direction, 1 : 1, as the "
+                        "paper's Algorithm 1 and the code the paper's tables came from")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
     add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM", "step")
@@ -96,6 +113,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("steps", "batch", "log_every", "save_every"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.batch < 2:
+        p.error("--batch must be >= 2: the projector's BatchNorm normalises over the batch (one image has no variance)")
     if args.train_images is not None and args.train_images < 1:
         p.error("--train-images must be >= 1")
     if args.shards is not None and args.shards < 1:
@@ -105,6 +124,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if not (args.weight_decay >= 0 and args.warmup >= 0):
         p.error("--weight-decay and --warmup must be >= 0")
+    if not TAU_RANGE[0] <= args.tau <= TAU_RANGE[1]:
+        # unit vectors give logits within +-1/tau: below 0.01 they pass +-100 and the loss scales as 1/tau (bf16
+        # keys put +-0.4 errors on them); above 1 they stay within +-1 and InfoNCE sits near log(batch) whatever
+        # the features
+        p.error(f"--tau must be in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {args.tau}: the logits q.k / tau of unit "
+                f"vectors span +-{1 / args.tau:.3g} (the paper uses 0.2)")
     args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
     return args
 
@@ -129,9 +154,11 @@ def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: fl
 def learning_rate(step: int, total_steps: int, lr: float, warmup: int) -> float:
     """lr of optimizer step k = 0, 1, ...: linear warm-up k / W up to k = W, then 0.5 (1 + cos(pi (k - W) /
     (K - W))) down to 0 at k = K (released rrcm/utils.py "warmup-cosine" under LambdaLR, which gives the
-    very first step lr 0)."""
+    very first step lr 0). W = 0 is a constant lr, no cosine (099127a:rrcm/utils.py:311,323)."""
+    if warmup == 0:
+        return lr
     if step <= warmup:
-        return lr * step / warmup if warmup > 0 else lr
+        return lr * step / warmup
     return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
 
 
@@ -147,35 +174,42 @@ def consistency_loss(model: ViT, x0, eps, t_n: torch.Tensor, t_next: torch.Tenso
     return kernels.info_nce(q, keys, tau, offset).mean()
 
 
-def project(model: ViT, v1, v2, eps) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised projector outputs of both views at t = sigma_min. One encoder pass for both views;
-    the projector (BatchNorm) sees each view on its own, as in MoCo v3."""
-    h1, h2 = model.features(torch.cat([v1, v2]) + SIGMA_MIN * torch.cat([eps, eps]), SIGMA_MIN).chunk(2)
-    return F.normalize(model.projector(h1), dim=1), F.normalize(model.projector(h2), dim=1)
+def project(model: ViT, views: tuple, eps) -> list[torch.Tensor]:
+    """L2-normalised projector outputs of the views at t = sigma_min. One encoder pass for all views; the
+    projector (BatchNorm) sees each view on its own, as in MoCo v3."""
+    t = torch.tensor(SIGMA_MIN, device=eps.device)  # a tensor like the consistency pass's t: one compiled encoder serves both
+    h = model.features(torch.cat(views) + SIGMA_MIN * eps.repeat(len(views), 1, 1, 1), t).chunk(len(views))
+    return [F.normalize(model.projector(part), dim=1) for part in h]
 
 
-def contrastive_loss(q1, q2, k1, k2, tau: float, one_direction: bool = False) -> torch.Tensor:
-    """MoCo-v3 InfoNCE: view 1's query against view 2's target key, plus (released code) view 2's query
-    against view 1's key, summed; the paper's Algorithm 1 keeps only the first direction."""
-    keys2, offset = gather_rows(k2)
-    loss = kernels.info_nce(q1, keys2, tau, offset).mean()
-    if one_direction:
-        return loss
-    keys1, _ = gather_rows(k1)
-    return loss + kernels.info_nce(q2, keys1, tau, offset).mean()
+def contrastive_loss(queries: list, keys: list, tau: float) -> torch.Tensor:
+    """MoCo-v3 InfoNCE of each query against the target key of the other view, summed over the directions
+    given: [q1] against [k2] (one direction, Algorithm 1), or [q1, q2] against [k2, k1] (--symmetric)."""
+    loss = 0.0
+    for q, k in zip(queries, keys):
+        gathered, offset = gather_rows(k)
+        loss = loss + kernels.info_nce(q, gathered, tau, offset).mean()
+    return loss
 
 
 class Objective(nn.Module):
-    """Every online pass of a step in one forward, so DDP sees them all (and syncs gradients once)."""
+    """Every online pass of a step in one forward, so DDP sees them all (and syncs gradients once). One
+    direction: only view 1 goes through the online encoder and only view 2 through the target, summed 1 : 1
+    with consistency (099127a:rrcm/rrcm_denoiser.py:174-180, 198); --symmetric: both views through both."""
 
-    def __init__(self, model: ViT, tau: float, one_direction: bool):
+    def __init__(self, model: ViT, tau: float, symmetric: bool):
         super().__init__()
-        self.model, self.tau, self.one_direction = model, tau, one_direction
+        self.model, self.tau, self.symmetric = model, tau, symmetric
 
-    def forward(self, x0, v1, v2, eps, t_n: torch.Tensor, t_next: torch.Tensor, k1, k2):
-        q1, q2 = project(self.model, v1, v2, eps)
+    def forward(self, x0, v1, v2, eps, t_n: torch.Tensor, t_next: torch.Tensor, keys: list):
+        queries = project(self.model, (v1, v2) if self.symmetric else (v1,), eps)
         return (consistency_loss(self.model, x0, eps, t_n, t_next, self.tau),
-                contrastive_loss(q1, q2, k1, k2, self.tau, self.one_direction))
+                contrastive_loss(queries, keys, self.tau))
+
+
+def target_views(v1, v2, symmetric: bool) -> tuple:
+    """The views the target encodes, in the order of Objective's queries: view 2's key for view 1's query."""
+    return (v2, v1) if symmetric else (v2,)
 
 
 @torch.no_grad()
@@ -189,7 +223,7 @@ def update_target(target: ViT, model: ViT, rate: float) -> None:
 # ----------------------------------------------------------------------------------------------------
 
 RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
-            "grad_clip", "tau", "ema_sharpness", "one_direction", "seed", "shards", "precision")
+            "grad_clip", "tau", "ema_sharpness", "symmetric", "seed", "shards", "precision")
 
 
 def step_inputs(data: Images, step: int, args, rank: int, world: int, device) -> tuple[torch.Tensor, ...]:
@@ -236,13 +270,15 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
 
-    objective = Objective(model, args.tau, args.one_direction)
+    objective = Objective(model, args.tau, args.symmetric)
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        objective, target_fwd = torch.compile(objective), torch.compile(project)
-    else:
-        target_fwd = project
+        # The encoder is where the time goes: compile it, for the online model and the target alike (one graph
+        # for passes with gradient, one without: the weights are inputs of the graph), and leave the projector,
+        # its BatchNorm's all-reduce and the fused InfoNCE eager. Half the graph a compiled objective would trace.
+        model.features = torch.compile(model.features, dynamic=False)
+        target.features = torch.compile(target.features, dynamic=False)
     mixed = autocast(device, args.precision)
     peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     say = run_log(args.out, master)
@@ -252,7 +288,7 @@ def main(argv=None) -> None:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
     if device.type == "cpu":
         x, _ = data.batch(torch.arange(min(16, len(data))))
-        per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * FORWARDS_PER_IMAGE
+        per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * forwards_per_image(args.symmetric)
         say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
             f"for the {args.steps - step} steps to go")
     path = os.path.join(args.out, "ckpt.pt")
@@ -274,10 +310,10 @@ def main(argv=None) -> None:
                 group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
             with mixed:
                 with torch.no_grad():
-                    k1, k2 = target_fwd(target, v1, v2, eps)
+                    keys = project(target, target_views(v1, v2, args.symmetric), eps)
                 # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
                 t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
-                loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, k1, k2)
+                loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, keys)
                 loss = loss_cons + loss_ctr
             check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)
             opt.zero_grad(set_to_none=True)
@@ -289,12 +325,17 @@ def main(argv=None) -> None:
             update_target(target, model, rate)
             step += 1
 
+            if step % args.log_every == 0 or step == args.steps or step == progress.first + 1:
+                losses = torch.stack([loss_cons.detach(), loss_ctr.detach()]).float()
+                if world > 1:  # the global batch's losses, not rank 0's share (a collective: every rank takes part)
+                    torch.distributed.all_reduce(losses)
+                    losses /= world
             if master and (step % args.log_every == 0 or step == args.steps or step == progress.first + 1):
-                line = (f"step {step}/{args.steps} | consistency {loss_cons.item():.4f} | contrastive {loss_ctr.item():.4f} | "
+                line = (f"step {step}/{args.steps} | consistency {losses[0]:.4f} | contrastive {losses[1]:.4f} | "
                         f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
                         f"{progress.line(step)}")
                 if peak:
-                    line += f" | mfu {progress.rate * FORWARDS_PER_IMAGE * model.flops_per_image() / (world * peak):.1%}"
+                    line += f" | mfu {progress.rate * forwards_per_image(args.symmetric) * model.flops_per_image() / (world * peak):.1%}"
                 say(line)
             if step % args.save_every == 0 or step == args.steps:
                 checkpoint(step)
