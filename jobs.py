@@ -19,13 +19,19 @@ import torch.distributed as dist
 
 class StopSignal:
     """Records SIGINT/SIGTERM instead of dying mid-step, while the training loop runs inside `with`; the
-    previous handlers come back afterwards. `requested()` is collective under torchrun, so every rank stops
-    after the same step (one rank leaving early would hang the others' all-reduces)."""
+    previous handlers come back afterwards. `requested()` is called once per step and is collective under
+    torchrun, so every rank stops after the same step (one rank leaving early would hang the others'
+    all-reduces). The first signal says at once what will happen and roughly when (a step of rRCM-B on a
+    CPU takes hours); a second one exits at once, keeping the last checkpoint on disk (they are written
+    atomically, so none is ever torn)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __enter__(self) -> "StopSignal":
         self.signum = 0
+        self.script = os.path.basename(sys.argv[0])
+        self.speaks = not dist.is_initialized() or dist.get_rank() == 0  # every rank gets the signal; one speaks
+        self.last_call, self.step_seconds = time.time(), None
         self.previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
         return self
 
@@ -35,10 +41,25 @@ class StopSignal:
 
     def _record(self, signum, frame) -> None:
         self.signum = signum
-        for s in self.SIGNALS:  # a second signal during the save gets the default behaviour
-            signal.signal(s, signal.SIG_DFL)
+        name = signal.Signals(signum).name
+        when = (f"the last one took {clock(self.step_seconds)}" if self.step_seconds is not None
+                else f"it started {clock(time.time() - self.last_call)} ago")
+        if self.speaks:
+            print(f"{self.script}: {name} received: finishing the current step ({when}), then saving a checkpoint "
+                  f"and exiting; a second {name} exits at once without saving (the last checkpoint on disk stays)",
+                  file=sys.stderr, flush=True)
+        for s in self.SIGNALS:
+            signal.signal(s, self._exit_now)
+
+    def _exit_now(self, signum, frame) -> None:
+        if self.speaks:
+            print(f"{self.script}: second signal ({signal.Signals(signum).name}): exiting without saving; the last "
+                  f"checkpoint on disk is intact", file=sys.stderr, flush=True)
+        os._exit(128 + signum)  # no clean-up that could block (a collective waiting for another rank)
 
     def requested(self, device: torch.device) -> bool:
+        now = time.time()
+        self.step_seconds, self.last_call = now - self.last_call, now
         if dist.is_initialized() and dist.get_world_size() > 1:
             flag = torch.tensor([self.signum], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -95,13 +116,16 @@ class Progress:
 
 
 def forward_seconds_per_image(model, x: torch.Tensor, t: float, mixed) -> float:
-    """Seconds of one no-grad forward per image, timed on x (a few images, after a warm-up call): the first
+    """Seconds of one no-grad forward per image, timed on two images of x (after a warm-up call): the first
     guess of a step's time that lets a slow run (preset B on a CPU) say how long it will take before its
-    first step ends. A backward costs about two forwards."""
+    first step ends. A backward costs about two forwards. Two images suffice, a CPU's time being linear in
+    the batch, and keep the guess cheap where the forward is slow (the Triton interpreter in the tests)."""
+    x = x[:2]
+    features = type(model).features  # the eager encoder, not a compiled one (which would compile for this shape)
     with torch.no_grad(), mixed:
-        model.features(x, t)
+        features(model, x, t)
         start = time.time()
-        model.features(x, t)
+        features(model, x, t)
     return (time.time() - start) / len(x)
 
 

@@ -13,11 +13,13 @@ linear task (which trains with augmentation, layer decay and an entropy term for
 """
 import argparse
 import sys
+import time
 
 import torch
 
 import kernels
 from data import Images, generator, seeded_noise
+from jobs import clock
 from model import (SIGMA_MIN, UsageError, ViT, load_checkpoint, model_from_checkpoint, noisy_input, select_kernels,
                    to_model_space)
 
@@ -49,12 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PROGRESS_EVERY = 10.0  # seconds between progress lines: encoding 50,000 images takes minutes on a CPU
+
+
 @torch.no_grad()
-def representations(model: ViT, images: Images, count: int, sigma: float, seed: int, batch: int, norm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def representations(model: ViT, images: Images, count: int, sigma: float, seed: int, batch: int, norm: bool,
+                    what: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
     """h(x_t, t) of the first `count` images; sigma = 0 means clean at t = sigma_min. Noise is seeded per
-    image index, so every checkpoint is probed with the same noise."""
+    image index, so every checkpoint is probed with the same noise. Prints progress with an ETA."""
     feats, labels = [], []
-    for chunk in torch.arange(min(count, len(images))).split(batch):
+    total = min(count, len(images))
+    start = last = time.time()
+    for chunk in torch.arange(total).split(batch):
         x, y = images.batch(chunk)
         if sigma == 0:
             x_t, t = to_model_space(x), SIGMA_MIN
@@ -63,6 +71,11 @@ def representations(model: ViT, images: Images, count: int, sigma: float, seed: 
             x_t, t = noisy_input(x, sigma, eps)
         feats.append(model.features(x_t, t, norm).float())
         labels.append(y)
+        done, now = int(chunk[-1]) + 1, time.time()
+        if now - last >= PROGRESS_EVERY or done == total:
+            last, rate = now, done / max(now - start, 1e-9)
+            print(f"encoding {what}: {done:,} / {total:,} images | {rate:,.0f} img/s | elapsed {clock(now - start)} | "
+                  f"ETA {clock((total - done) / rate)}", flush=True)
     return torch.cat(feats), torch.cat(labels)
 
 
@@ -89,15 +102,20 @@ def main(argv=None) -> None:
     dataset = ckpt["config"]["dataset"]
     train, test = Images(dataset, args.data_dir, "train", device), Images(dataset, args.data_dir, "test", device)
     norm = dataset == "imagenet"
-    feats, labels = representations(model, train, args.train_images, 0.0, args.seed, args.batch, norm)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"linear probe of {args.checkpoint} (step {ckpt['step']}) on {where}: head fitted on "
+          f"{min(args.train_images, len(train)):,} clean training images, tested on {min(args.test_images, len(test)):,} "
+          f"test images at sigma {', '.join(f'{s:g}' for s in args.sigmas)}", flush=True)
+    feats, labels = representations(model, train, args.train_images, 0.0, args.seed, args.batch, norm, "clean training images")
+    start = time.time()
     head = train_head(feats, labels, model.cfg.num_classes, args.epochs, args.batch, args.lr, args.seed)
-    print(f"linear probe of {args.checkpoint} (step {ckpt['step']}), head trained on {len(feats)} clean images")
-    print("sigma     " + " ".join(f"{s:6.2f}" for s in args.sigmas))
+    print(f"head trained: {args.epochs} epochs in {clock(time.time() - start)}", flush=True)
     accuracies = []
     with torch.no_grad():
         for sigma in args.sigmas:
-            f, y = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm)
+            f, y = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm, f"test images, sigma {sigma:g}")
             accuracies.append((head(f).argmax(1) == y).float().mean().item() * 100)
+    print("sigma     " + " ".join(f"{s:6.2f}" for s in args.sigmas))
     print("accuracy  " + " ".join(f"{a:6.1f}" for a in accuracies))
 
 

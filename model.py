@@ -190,7 +190,10 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         import torch.distributed as dist
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), x.shape[0])])
+        # Statistics in fp32 whatever autocast made x (bf16 on GPUs): the running buffers are fp32, and
+        # E[x^2] - E[x]^2 in bf16 would cancel to noise. The output keeps x's dtype, as BatchNorm1d's does.
+        x32 = x.float()
+        local = torch.cat([x32.sum(0), (x32 * x32).sum(0), x32.new_full((1,), x.shape[0])])
         total = AllReduceSum.apply(local)
         C = x.shape[1]
         count = total[-1]
@@ -200,7 +203,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             self.num_batches_tracked += 1
             self.running_mean.lerp_(mean, self.momentum)
             self.running_var.lerp_(var * count / (count - 1), self.momentum)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+        return ((x32 - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias).to(x.dtype)
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:
@@ -257,8 +260,11 @@ class ViT(nn.Module):
         LayerNorm unless norm=False."""
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
         x = self.patch_embed(c_in(t)[:, None, None, None] * x_t).flatten(2).transpose(1, 2)
-        time_token = timestep_embedding(time_input(t), self.cfg.width)[:, None].to(x.dtype)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), time_token, x], dim=1) + self.pos_embed
+        time_token = timestep_embedding(time_input(t), self.cfg.width)[:, None]
+        # The residual stream stays fp32 under autocast, time token included (bf16 would round the embedding of
+        # adjacent times t_n, t_{n+1}); each Linear still multiplies in bf16. The released code's torch.cat of
+        # the fp16 patches with the fp32 time token gives the same fp32 stream.
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), time_token, x.float()], dim=1) + self.pos_embed
         for block in self.blocks:
             x = block(x)
         return self.norm(x[:, 0]) if norm else x[:, 0]

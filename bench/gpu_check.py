@@ -1,23 +1,32 @@
-"""Validate a GPU in one command and write one markdown report:
+"""Validate a GPU, one section per command, each sized to end well inside 10 minutes on an H100:
 
-  1. the whole test suite with the real Triton kernels (RRCM_TEST_GPU=1 turns the interpreter off),
-  2. the kernel benchmarks (bench/kernels.py: attention against SDPA at L = 66 and 198, InfoNCE against
-     the unfused reference at B = M = 4096 .. 32768 with peak memory, cross-entropy),
-  3. certify.py's seconds per image for rRCM-B at N = 100,000 in bf16,
-  4. pretrain.py's images/s and MFU for rRCM-B.
+  tests     the whole test suite on the real Triton kernels (RRCM_TEST_GPU=1 turns the interpreter off);
+  kernels   bench/kernels.py: attention against SDPA at L = 66 and 198, InfoNCE against the unfused
+            reference at B = M = 4096 .. 32768 with peak memory, cross-entropy at C = 10 and 1000;
+  certify   certify.py's seconds per image for rRCM-B at N = 100,000, bf16, compiled, with samples/s and MFU;
+  pretrain  pretrain.py's images/s and MFU for rRCM-B, compiled, bf16;
+  e2e       a short tiny-preset run on real CIFAR-10 (pre-train, fine-tune, certify 100 images at n = 1,000)
+            with the fused kernels and again with --kernels torch: the two tables must agree within noise.
 
-    python bench/gpu_check.py                      # on an NVIDIA GPU; report in out/gpu_check.md
-    python bench/gpu_check.py --cpu-tiny           # CPU, interpreter, toy shapes, tiny preset: seconds
+    python bench/gpu_check.py --only tests                         # one section per command; report in out/gpu_check.md
+    python bench/gpu_check.py --only kernels,certify
+    python bench/gpu_check.py --only e2e --data-dir data           # needs data_batch_1 and test_batch at least
+    python bench/gpu_check.py --cpu-tiny                           # CPU, interpreter, toy sizes: every section in seconds
 
-The scripts run as the user runs them, as subprocesses through their command lines, on a synthetic
-CIFAR-10 (random pixels, official pickle layout) and a randomly initialised fine-tuned checkpoint:
-speed does not depend on what the weights have learned. `--cpu-tiny` runs every step at toy size so
-that tests/test_gpu_check.py notices when a change to a script breaks this one.
+Each section writes out/gpu_check/<section>.md (and its raw output, <section>.log, as it runs) the moment it
+ends, then out/gpu_check.md is rebuilt from every section file there: a time-out or a failure in one section
+loses nothing the others measured, and sections run in separate commands add up to one report. The scripts
+run as a user runs them, through their command lines, on a synthetic CIFAR-10 (random pixels, official pickle
+layout) and randomly initialised checkpoints, except e2e: speed does not depend on what the weights learned.
+`--cpu-tiny` runs every section at toy size, so that tests/test_gpu_check.py notices when a change to a script
+breaks this one.
 """
 import argparse
+import math
 import os
 import pickle
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -33,27 +42,58 @@ sys.path.insert(0, ROOT)
 
 from model import ViT, save_checkpoint, vit_config  # noqa: E402
 
-# What each mode runs. GPU: the paper's model at sizes that keep one H100 busy for a few minutes;
-# --batch 10000 also launches attention over 120,000 heads, past the old 65,535 grid limit.
+SECTIONS = ("tests", "kernels", "certify", "pretrain", "e2e")
+# Sizes per mode. GPU: rRCM-B at the paper's N for certify (4 images; --batch 10000 also launches attention over
+# 120,000 heads, past the old 65,535 grid limit), pre-training at batch 1024 (2048 does not fit 80 GB with three
+# online passes), each section under ~8 minutes of an H100 including compilation (`timeout` per section).
 GPU_PLAN = dict(tests=["tests"], kernels=[], preset="B", precision="bf16", certify_n=100_000, certify_num=4, certify_batch=10_000,
-                pretrain_steps=60, pretrain_batch=512, log_every=20, script_flags=[], timeout=3600)
-# Tiny: fp32, since bf16 without native CPU support is emulated and about 20x slower here.
+                pretrain_steps=200, pretrain_batch=1024, log_every=50, script_flags=[], timeout=540,
+                e2e=dict(pretrain=["--steps", "1500", "--batch", "256", "--warmup", "100"],
+                         finetune=["--epochs", "5", "--warmup-epochs", "1", "--batch", "256", "--train-head", "--eval-images", "1000"],
+                         certify=["--n", "1000", "--num", "100", "--skip", "100", "--batch", "1000"]))
+# Tiny: fp32, since bf16 without native CPU support is emulated and about 20x slower on such CPUs.
 TINY_PLAN = dict(tests=["tests/test_kernels.py", "-k", "cross_entropy_matches"], kernels=["--tiny"],
                  preset="tiny", precision="fp32", certify_n=100, certify_num=1, certify_batch=100, pretrain_steps=1, pretrain_batch=8,
-                 log_every=1, script_flags=["--no-compile", "--kernels", "torch"], timeout=300)
+                 log_every=1, script_flags=["--no-compile", "--kernels", "torch"], timeout=300,
+                 # e2e: the fused kernels run under the interpreter (~10 ms a Triton program): two images at a time
+                 e2e=dict(pretrain=["--steps", "1", "--batch", "2", "--warmup", "0", "--no-compile", "--precision", "fp32"],
+                          finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch", "2", "--train-images", "2", "--train-head",
+                                    "--eval-images", "2", "--no-compile", "--precision", "fp32"],
+                          certify=["--n0", "2", "--n", "2", "--num", "1", "--skip", "1", "--batch", "100", "--no-compile",
+                                   "--precision", "fp32"]))
 
 
-def run(cmd: list[str], timeout: int, env: dict | None = None) -> tuple[bool, str, float]:
-    """(exit status 0, stdout + stderr, seconds) of a command run from the repository root. The scripts
-    decide about the interpreter themselves (the tests' conftest, bench/kernels.py without a GPU), so an
-    inherited TRITON_INTERPRET is dropped: certify.py and pretrain.py must run the real thing."""
-    env = {k: v for k, v in (env or os.environ).items() if k != "TRITON_INTERPRET"}
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        return False, f"timed out after {timeout} s\n{e.stdout or ''}{e.stderr or ''}", time.perf_counter() - start
-    return proc.returncode == 0, proc.stdout + proc.stderr, time.perf_counter() - start
+def run(cmd: list[str], timeout: float, log: str, env: dict | None = None, interpret: bool = False) -> tuple[bool, str, float]:
+    """(exit status 0, stdout + stderr, seconds) of a command run from the repository root, its output also
+    written to `log` line by line as it comes (a section cut off by a time-out keeps what it printed). The
+    scripts decide about the interpreter themselves (the tests' conftest, bench/kernels.py without a GPU),
+    so an inherited TRITON_INTERPRET is dropped: certify.py and pretrain.py must run the real thing, unless
+    `interpret` (--cpu-tiny's --kernels triton)."""
+    env = {k: v for k, v in (env or os.environ).items() if k != "TRITON_INTERPRET"} | {"PYTHONUNBUFFERED": "1"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    if timeout <= 0:
+        return False, "no time left in this section's budget\n", 0.0
+    start, lines = time.perf_counter(), []
+    with open(log, "a") as f:
+        f.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = start + timeout
+            for line in proc.stdout:
+                lines.append(line)
+                f.write(line)
+                f.flush()
+                if time.perf_counter() > deadline:
+                    raise subprocess.TimeoutExpired(cmd, timeout)
+            proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            lines.append(f"timed out after {timeout} s\n")
+            f.write(lines[-1])
+            return False, "".join(lines), time.perf_counter() - start
+    return proc.returncode == 0, "".join(lines), time.perf_counter() - start
 
 
 def tail(text: str, lines: int = 25) -> str:
@@ -70,6 +110,28 @@ def write_cifar(folder: str, n_train: int, n_test: int) -> None:
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist()}
         with open(os.path.join(root, name), "wb") as f:
             pickle.dump(batch, f, protocol=4)
+
+
+def partial_cifar(source: str, folder: str) -> int:
+    """A CIFAR-10 folder from whatever batch files `source` holds (a GPU machine may carry only data_batch_1 and
+    test_batch): those are linked, each missing training file is written empty. Returns the training images."""
+    src, dst = os.path.join(source, "cifar-10-batches-py"), os.path.join(folder, "cifar-10-batches-py")
+    if not os.path.isfile(os.path.join(src, "test_batch")):
+        raise SystemExit(f"gpu_check.py: error: e2e needs real CIFAR-10: {src}/test_batch is missing")
+    os.makedirs(dst, exist_ok=True)
+    images = 0
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        if os.path.isfile(os.path.join(src, name)):
+            os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+            if name != "test_batch":
+                with open(os.path.join(src, name), "rb") as f:
+                    images += len(pickle.load(f, encoding="bytes")[b"labels"])
+        else:
+            with open(os.path.join(dst, name), "wb") as f:
+                pickle.dump({b"data": np.zeros((0, 3072), np.uint8), b"labels": []}, f, protocol=4)
+    if images == 0:
+        raise SystemExit(f"gpu_check.py: error: e2e needs at least one CIFAR-10 training file (data_batch_1) in {src}")
+    return images
 
 
 def write_finetune_checkpoint(path: str, preset: str) -> None:
@@ -96,107 +158,197 @@ def pretrain_rates(log: str) -> tuple[float, float | None]:
     return float(re.search(r"([\d.]+) img/s", lines[-1])[1]), float(mfu[1]) if mfu else None
 
 
-# MFU from the last log window's images/s, whatever pretrain.py averages over (its own figure may count
-# compilation). Dense bf16 peaks; 12 forward-equivalents per image is pretrain.py's accounting: 3 passes
-# with gradients (x 3: forward + backward) and 3 without (the consistency key and 2 target views).
+# MFU from measured rates, whatever the scripts average over (their own figures may count compilation). Dense
+# bf16 peaks. Pre-training: pretrain.forwards_per_image encoder forward-equivalents per image (its default loss).
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
-FORWARDS_PER_IMAGE = 12
+
+
+def peak_flops() -> float | None:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def window_mfu(images_per_s: float, preset: str) -> float | None:
     """Percent of the GPU's peak bf16 FLOP/s at this pre-training rate; None on an unknown device."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    import pretrain
+    peak = peak_flops()
     if peak is None:
         return None
-    flops = ViT(vit_config(preset, "cifar10")).flops_per_image() * FORWARDS_PER_IMAGE
-    return 100 * images_per_s * flops / peak
+    return 100 * images_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() * pretrain.forwards_per_image(symmetric=False) / peak
 
 
-def section_tests(plan: dict, gpu: bool) -> tuple[bool, str]:
+def certify_mfu(samples_per_s: float, preset: str) -> float | None:
+    """Percent of peak bf16 FLOP/s at this certification rate (one encoder forward per noisy sample)."""
+    peak = peak_flops()
+    return None if peak is None else 100 * samples_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() / peak
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sections: each returns (passed, markdown body)
+
+def section_tests(plan: dict, gpu: bool, log: str) -> tuple[bool, str]:
     env = dict(os.environ, RRCM_TEST_GPU="1" if gpu else "0")
-    ok, out, seconds = run([sys.executable, "-m", "pytest", "-q", *plan["tests"]], plan["timeout"], env)
+    ok, out, seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plan["tests"]], plan["timeout"], log, env)
     summary = next((line for line in reversed(out.splitlines()) if " passed" in line or " failed" in line), "no summary")
     kind = "real Triton kernels on the GPU" if gpu else "Triton interpreter (CPU)"
+    failures = [line for line in out.splitlines() if line.startswith(("FAILED", "ERROR"))]
     body = f"`pytest -q {' '.join(plan['tests'])}` with the {kind}: **{summary.strip('= ')}** ({seconds:.0f} s)"
-    return ok, body if ok else body + "\n\n" + tail(out)
+    return ok, body if ok else body + "\n\n" + "\n".join(failures[:40]) + "\n\n" + tail(out)
 
 
-def section_kernels(plan: dict) -> tuple[bool, str]:
-    ok, out, _ = run([sys.executable, os.path.join("bench", "kernels.py"), *plan["kernels"]], plan["timeout"])
+def section_kernels(plan: dict, gpu: bool, log: str) -> tuple[bool, str]:
+    ok, out, _ = run([sys.executable, os.path.join("bench", "kernels.py"), *plan["kernels"]], plan["timeout"], log)
     return ok, out.strip() if ok else tail(out)
 
 
-def section_certify(plan: dict, work: str) -> tuple[bool, str]:
+def section_certify(plan: dict, gpu: bool, log: str, work: str) -> tuple[bool, str]:
+    write_cifar(work, n_train=5 * 8, n_test=plan["certify_num"])
     ckpt, tsv = os.path.join(work, "finetune", "ckpt.pt"), os.path.join(work, "certify.tsv")
     write_finetune_checkpoint(ckpt, plan["preset"])
-    cmd = [sys.executable, "certify.py", "--checkpoint", ckpt, "--data-dir", work, "--n", str(plan["certify_n"]),
+    cmd = [sys.executable, "certify.py", "--checkpoint", ckpt, "--data-dir", work, "--sigma", "0.25", "--n", str(plan["certify_n"]),
            "--num", str(plan["certify_num"]), "--skip", "1", "--batch", str(plan["certify_batch"]), "--precision", plan["precision"],
            "--out", tsv, *plan["script_flags"]]
-    ok, out, _ = run(cmd, plan["timeout"])
+    ok, out, _ = run(cmd, plan["timeout"], log)
     if not ok:
         return False, f"`{' '.join(cmd[1:])}` failed:\n\n" + tail(out)
     seconds = certify_seconds(tsv)
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     samples = plan["certify_n"] + 100  # n0 = 100 selection samples, then n
+    mfu = certify_mfu(samples / steady, plan["preset"])
     return True, (f"rRCM-{plan['preset']}, N = {plan['certify_n']:,}, {plan['precision']}, --batch {plan['certify_batch']}: "
-                  f"**{steady:.2f} s per image** ({samples / steady:,.0f} samples/s; median of images 2..{len(seconds)}; "
-                  f"the first, with compilation, took {seconds[0]:.2f} s). Seconds per image: "
-                  + ", ".join(f"{s:.2f}" for s in seconds))
+                  f"**{steady:.2f} s per image** ({samples / steady:,.0f} samples/s"
+                  + (f", MFU {mfu:.1f} %" if mfu is not None else "") + f"; median of images 2..{len(seconds)}; "
+                  f"the first took {seconds[0]:.2f} s). Seconds per image: " + ", ".join(f"{s:.2f}" for s in seconds))
 
 
-def section_pretrain(plan: dict, work: str) -> tuple[bool, str]:
+def section_pretrain(plan: dict, gpu: bool, log: str, work: str) -> tuple[bool, str]:
+    write_cifar(work, n_train=2 * plan["pretrain_batch"], n_test=10)
     cmd = [sys.executable, "pretrain.py", "--data-dir", work, "--preset", plan["preset"], "--steps", str(plan["pretrain_steps"]),
-           "--batch", str(plan["pretrain_batch"]), "--log-every", str(plan["log_every"]),
+           "--batch", str(plan["pretrain_batch"]), "--log-every", str(plan["log_every"]), "--precision", plan["precision"],
            "--out", os.path.join(work, "pretrain"), *plan["script_flags"]]
-    ok, out, _ = run(cmd, plan["timeout"])
+    ok, out, _ = run(cmd, plan["timeout"], log)
     if not ok:
         return False, f"`{' '.join(cmd[1:])}` failed:\n\n" + tail(out)
     images_per_s, logged_mfu = pretrain_rates(out)
-    mfu = window_mfu(images_per_s, plan["preset"]) if plan is GPU_PLAN else None
+    mfu = window_mfu(images_per_s, plan["preset"]) if gpu else None
     mfu_text = "MFU unknown (no peak FLOP/s for this device)" if mfu is None else f"MFU **{mfu:.1f} %** at that rate"
     logged = "no MFU" if logged_mfu is None else f"mfu {logged_mfu:.1f} %"
     return True, (f"rRCM-{plan['preset']}, batch {plan['pretrain_batch']}, {plan['pretrain_steps']} steps: "
                   f"**{images_per_s:.1f} images/s** over the last log window, {mfu_text}; pretrain.py's last "
-                  f"line says {logged}:\n\n" + tail(next(l for l in reversed(out.splitlines()) if "img/s" in l)))
+                  f"line says {logged}:\n\n" + tail(next(line for line in reversed(out.splitlines()) if "img/s" in line)))
+
+
+def section_e2e(plan: dict, gpu: bool, log: str, work: str, data_dir: str | None) -> tuple[bool, str]:
+    """The same short tiny-preset pipeline with the fused kernels and with PyTorch's: both tables side by side."""
+    if data_dir is None and gpu:
+        raise SystemExit("gpu_check.py: error: --only e2e needs --data-dir with real CIFAR-10 (data_batch_1 and test_batch at least)")
+    if data_dir is None:  # --cpu-tiny: the synthetic images only check that the section runs
+        write_cifar(work, n_train=5 * 8, n_test=4)
+        images = 40
+    else:
+        images = partial_cifar(data_dir, work)
+    rows, lines = [], []
+    deadline = time.perf_counter() + plan["timeout"]  # both pipelines together: one command on a 10-minute budget
+    for kernels in ("triton", "torch"):
+        out = os.path.join(work, kernels)
+        steps = [["pretrain.py", "--preset", "tiny", *plan["e2e"]["pretrain"], "--out", os.path.join(out, "pretrain")],
+                 ["finetune.py", "--init", os.path.join(out, "pretrain", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["finetune"],
+                  "--out", os.path.join(out, "finetune")],
+                 ["certify.py", "--checkpoint", os.path.join(out, "finetune", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["certify"],
+                  "--out", os.path.join(out, "certify.tsv")]]
+        start = time.perf_counter()
+        for step in steps:
+            cmd = [sys.executable, *step, "--data-dir", work, "--kernels", kernels]
+            ok, text, _ = run(cmd, deadline - time.perf_counter(), log, interpret=kernels == "triton" and not gpu)
+            if not ok:
+                return False, f"`{' '.join(cmd[1:])}` failed:\n\n" + tail(text)
+            if step[0] == "finetune.py":
+                lines.append(f"{kernels}: " + next(line for line in reversed(text.splitlines()) if line.startswith("epoch")))
+        rows.append((kernels, os.path.join(out, "certify.tsv"), time.perf_counter() - start))
+    import report
+    runs = [report.read_tsv(tsv) for _, tsv, _ in rows]
+    table = report.table([f"kernels {k} ({s:.0f} s)" for k, _, s in rows], runs)
+    # Within noise: 100 images, so one standard error of a certified accuracy near 50 % is 5 points.
+    radii = report.radii_for(runs)
+    gaps = [abs(report.certified_accuracy(runs[0]["radius"], runs[0]["correct"], r)
+                - report.certified_accuracy(runs[1]["radius"], runs[1]["correct"], r)) * 100 for r in radii]
+    n = len(runs[0]["radius"])
+    tolerance = 300 / math.sqrt(max(n, 1))  # three standard errors at p = 1/2, in points
+    ok = max(gaps) <= tolerance or not gpu
+    verdict = (f"largest gap {max(gaps):.1f} points at {n} images (tolerance {tolerance:.0f} points, 3 standard errors): "
+               f"**{'agree within noise' if max(gaps) <= tolerance else 'DIFFER'}**")
+    return ok, (f"tiny preset on {images:,} training images, {' '.join(plan['e2e']['pretrain'])} / "
+                f"{' '.join(plan['e2e']['finetune'])} / {' '.join(plan['e2e']['certify'])}:\n\n" + "\n".join(f"- {l}" for l in lines)
+                + "\n\n```\n" + table + "\n```\n\n" + verdict)
 
 
 def device_line(gpu: bool) -> str:
     import triton
     versions = f"torch {torch.__version__}, triton {triton.__version__}"
     if not gpu:
-        return f"CPU ({os.cpu_count()} cores), Triton interpreter, toy shapes, tiny preset; {versions}. Timings say nothing."
+        return f"CPU ({os.cpu_count()} cores), Triton interpreter, toy sizes, tiny preset; {versions}. Timings say nothing."
     major, minor = torch.cuda.get_device_capability()
-    return f"{torch.cuda.get_device_name()} (sm_{major}{minor}), CUDA {torch.version.cuda}, {versions}"
+    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
+    return (f"{torch.cuda.get_device_name()} (sm_{major}{minor}), driver {driver.stdout.strip() or '?'}, CUDA {torch.version.cuda}, "
+            f"{versions}")
+
+
+def write_report(folder: str, path: str) -> str:
+    """out/gpu_check.md from every section file in `folder`, in SECTIONS order; returns its result line."""
+    done = [s for s in SECTIONS if os.path.isfile(os.path.join(folder, f"{s}.md"))]
+    bodies = {s: open(os.path.join(folder, f"{s}.md")).read().strip() for s in done}
+    failed = [s for s in done if bodies[s].splitlines()[0].endswith("(FAILED)")]
+    missing = [s for s in SECTIONS if s not in done]
+    result = (f"Result: {'FAILED: ' + ', '.join(failed) if failed else 'passed'} ({len(done)} of {len(SECTIONS)} sections run"
+              + (f"; not run yet: {', '.join(missing)}" if missing else "") + ")")
+    with open(path, "w") as f:
+        f.write(f"# GPU check\n\n{result}\n\n" + "\n\n".join(bodies[s] for s in done) + "\n")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="validate a GPU: tests, kernel benchmarks, certify and pre-training speed")
-    p.add_argument("--cpu-tiny", action="store_true", help="no GPU: interpreter, toy shapes, tiny preset (runs in the tests)")
-    p.add_argument("--out", default=os.path.join("out", "gpu_check.md"), help="the markdown report")
+    p = argparse.ArgumentParser(description="validate a GPU: tests, kernel benchmarks, certify and pre-training speed, a short "
+                                            "end-to-end run", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.error = lambda msg: sys.exit(f"gpu_check.py: error: {msg}")
+    p.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run, one command each on a "
+                                                                "10-minute budget")
+    p.add_argument("--cpu-tiny", action="store_true", help="no GPU: interpreter, toy sizes, tiny preset (runs in the tests)")
+    p.add_argument("--data-dir", default=None, help="e2e: real CIFAR-10 (cifar-10-batches-py/ with data_batch_1 and test_batch at least)")
+    p.add_argument("--out", default=os.path.join("out", "gpu_check.md"), help="the markdown report; sections go beside it, in "
+                                                                               "<out without .md>/")
     args = p.parse_args(argv)
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in SECTIONS]
+    if unknown or not only:
+        p.error(f"--only takes sections from {', '.join(SECTIONS)}; got {args.only!r}")
     gpu = torch.cuda.is_available() and not args.cpu_tiny
     if not (gpu or args.cpu_tiny):
-        raise SystemExit("gpu_check.py: no CUDA GPU here; --cpu-tiny runs the toy version of every step")
+        p.error("no CUDA GPU here; --cpu-tiny runs the toy version of every section")
     plan = GPU_PLAN if gpu else TINY_PLAN
-    sections = {}
-    with tempfile.TemporaryDirectory() as work:
-        write_cifar(work, n_train=4 * plan["pretrain_batch"], n_test=plan["certify_num"])
-        steps = [("Test suite", lambda: section_tests(plan, gpu)), ("Kernel benchmarks", lambda: section_kernels(plan)),
-                 ("Certification", lambda: section_certify(plan, work)), ("Pre-training", lambda: section_pretrain(plan, work))]
-        for title, step in steps:
-            start = time.perf_counter()
-            sections[title] = step()
-            print(f"gpu_check: {title}: {'ok' if sections[title][0] else 'FAILED'} ({time.perf_counter() - start:.0f} s)", flush=True)
-    failed = [title for title, (ok, _) in sections.items() if not ok]
-    report = [f"# GPU check, {time.strftime('%Y-%m-%d')}", "", device_line(gpu), "",
-              f"Result: {'all steps passed' if not failed else 'FAILED: ' + ', '.join(failed)}"]
-    for title, (ok, body) in sections.items():
-        report += ["", f"## {title}{'' if ok else ' (FAILED)'}", "", body]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write("\n".join(report) + "\n")
-    print(f"gpu_check: {'all steps passed' if not failed else 'FAILED: ' + ', '.join(failed)}; report in {args.out}")
+    folder = os.path.splitext(args.out)[0]
+    os.makedirs(folder, exist_ok=True)
+    failed = []
+    for section in only:
+        log = os.path.join(folder, f"{section}.log")
+        open(log, "w").close()
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as work:
+            if section == "tests":
+                ok, body = section_tests(plan, gpu, log)
+            elif section == "kernels":
+                ok, body = section_kernels(plan, gpu, log)
+            elif section == "e2e":
+                ok, body = section_e2e(plan, gpu, log, work, args.data_dir)
+            else:
+                ok, body = {"certify": section_certify, "pretrain": section_pretrain}[section](plan, gpu, log, work)
+        seconds = time.perf_counter() - start
+        with open(os.path.join(folder, f"{section}.md"), "w") as f:
+            f.write(f"## {section}{'' if ok else ' (FAILED)'}\n\n{time.strftime('%Y-%m-%d %H:%M')}, {device_line(gpu)}; "
+                    f"{seconds:.0f} s\n\n{body}\n")
+        print(f"gpu_check: {section}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)", flush=True)
+        failed += [] if ok else [section]
+        result = write_report(folder, args.out)
+    print(f"gpu_check: {'FAILED: ' + ', '.join(failed) if failed else 'ok'} this run; report in {args.out}: {result}")
     return 1 if failed else 0
 
 

@@ -4,11 +4,15 @@ import pickle
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0" if os.environ.get("RRCM_TEST_GPU") == "1" else "1"  # 1: no GPU; see bench/gpu_check.py
+# Inductor's C++ for a CPU without vector intrinsics: half the compile time of the tests that compile (on a GPU
+# Inductor writes Triton, not C++, so nothing the GPU path depends on changes). Read when torch is imported.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import kernels  # noqa: E402
 
@@ -52,7 +56,10 @@ def triton_kernels():
     kernels.use("torch")
 
 
-FAST = ["--no-compile", "--kernels", "torch"]
+# The quick path most script tests take: eager PyTorch in fp32. `--precision auto` would mean bf16 on CPUs with
+# AVX512-BF16 or AMX and fp32 on others, so a test that leaves it out would test different things on different
+# hosts; tests of bf16, compile and the Triton kernels say so themselves (tests/test_gpu_path.py).
+FAST = ["--no-compile", "--kernels", "torch", "--precision", "fp32"]
 
 
 def finetune_args(cifar_dir, out, *extra):
@@ -82,3 +89,11 @@ def refusal(script: str, argv: list) -> str:
         except UsageError as e:
             sys.exit(f"{script}: error: {e}")
     return str(exited.value.code)
+
+
+def update_difference(a: dict, b: dict, start: dict) -> float:
+    """|| (a - start) - (b - start) || / || b - start || over the weights of `start`: how far apart two runs'
+    updates from the same starting weights are, relative to the size of the update."""
+    diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in start])
+    update = torch.cat([(b[k].float() - start[k].float()).flatten() for k in start])
+    return (diff.norm() / update.norm()).item()

@@ -15,18 +15,41 @@ gpu_check = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_check)
 
 
-def test_cpu_tiny_runs_every_step(tmp_path):
-    out = tmp_path / "report.md"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--cpu-tiny", "--out", str(out)],
+def gpu_check_command(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "bench", "gpu_check.py"), "--cpu-tiny", *argv],
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+
+
+def test_cpu_tiny_runs_every_section_and_each_command_adds_to_one_report(tmp_path):
+    out = tmp_path / "report.md"
+    first = gpu_check_command("--only", "tests,kernels,certify,pretrain", "--out", str(out))
+    assert first.returncode == 0, first.stdout + first.stderr[-3000:]
     report = out.read_text()
-    assert "Result: all steps passed" in report and "FAILED" not in report
-    for title in ("## Test suite", "## Kernel benchmarks", "## Certification", "## Pre-training"):
-        assert title in report
+    assert "Result: passed (4 of 5 sections run; not run yet: e2e)" in report  # written before the last section
+    for section in ("tests", "kernels", "certify", "pretrain"):  # each one's own file, and its raw output
+        assert (tmp_path / "report" / f"{section}.md").exists() and (tmp_path / "report" / f"{section}.log").stat().st_size > 0
+    second = gpu_check_command("--only", "e2e", "--out", str(out))
+    assert second.returncode == 0, second.stdout + second.stderr[-3000:]
+    report = out.read_text()
+    assert "Result: passed (5 of 5 sections run)" in report and "FAILED" not in report
+    assert [line for line in report.splitlines() if line.startswith("## ")] == ["## tests", "## kernels", "## certify",
+                                                                                "## pretrain", "## e2e"]
     assert "12 passed" in report                            # the kernel tests it ran, with the interpreter
     assert "| B=4 C=1000 |" in report                       # a kernel benchmark row
     assert " s per image** (" in report and " images/s**" in report
+    assert "kernels triton (" in report and "kernels torch (" in report  # e2e: both tables side by side
+
+
+def test_a_failing_section_is_reported_and_the_others_are_kept(tmp_path):
+    out = tmp_path / "report.md"
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "kernels.md").write_text("## kernels\n\nmeasured earlier\n")
+    result = gpu_check_command("--only", "e2e", "--data-dir", str(tmp_path / "nothing"), "--out", str(out))
+    assert result.returncode != 0 and "e2e needs real CIFAR-10" in result.stderr.strip().splitlines()[-1]
+    bad = gpu_check_command("--only", "tests,speed", "--out", str(out))
+    assert bad.returncode != 0 and bad.stderr.strip() == ("gpu_check.py: error: --only takes sections from tests, kernels, "
+                                                          "certify, pretrain, e2e; got 'tests,speed'")
+    assert (tmp_path / "report" / "kernels.md").read_text() == "## kernels\n\nmeasured earlier\n"
 
 
 def test_certify_seconds_reads_the_time_column(tmp_path):
@@ -45,11 +68,17 @@ def test_pretrain_rates_reads_the_last_log_line():
         gpu_check.pretrain_rates("Traceback ...")
 
 
-def test_window_mfu_counts_twelve_forwards_of_the_encoder(monkeypatch):
-    """rRCM-B on CIFAR-10: 11.38 GFLOP per forward x 12 per image, so an H100 (989 TFLOP/s bf16) at
-    100 % MFU pre-trains about 7,240 images/s."""
+def test_window_mfu_counts_the_encoder_forwards_of_a_step(monkeypatch):
+    """rRCM-B on CIFAR-10: 11.38 GFLOP per forward (24 L W^2 + 4 L^2 W per block, L = 66, W = 768, 12 blocks, plus
+    the patch embedding), times pretrain.py's forward-equivalents per image, against an H100's 989 TFLOP/s bf16."""
+    import pretrain
     monkeypatch.setattr(gpu_check.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "NVIDIA H100 80GB HBM3")
-    assert 99.0 < gpu_check.window_mfu(7240, "B") < 101.0
+    L, W = 66, 768
+    gflop = (12 * (24 * L * W * W + 4 * L * L * W) + 2 * 64 * 48 * W) / 1e9
+    assert abs(gflop - 11.38) < 0.01
+    full_speed = 989e12 / (gflop * 1e9 * pretrain.forwards_per_image(symmetric=False))  # images/s at 100 % MFU
+    assert 99.9 < gpu_check.window_mfu(full_speed, "B") < 100.1
+    assert 99.9 < gpu_check.certify_mfu(989e12 / (gflop * 1e9), "B") < 100.1  # one forward per noisy sample
     monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "NVIDIA GeForce RTX 4090")
     assert gpu_check.window_mfu(7240, "B") is None  # no peak known: no guess

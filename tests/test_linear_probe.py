@@ -40,11 +40,17 @@ def test_probe_inputs_clean_at_sigma_min_and_noisy_at_the_smoothing_time(cifar_d
 
 def test_linear_probe_script(cifar_dir, tmp_path, capsys):
     pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path), "--steps", "2", "--preset", "tiny", "--batch", "20",
-                   "--no-compile", "--kernels", "torch"])
+                   "--no-compile", "--kernels", "torch", "--precision", "fp32"])
     capsys.readouterr()
     linear_probe.main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "50",
                        "--batch", "20", "--lr", "1e-2", "--kernels", "torch"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1].split() == ["sigma", "0.00", "0.25", "0.50", "1.00"]
-    accuracies = [float(a) for a in lines[2].split()[1:]]
+    # It speaks before the long encoding starts, then reports progress of every pass with an ETA.
+    assert lines[0].startswith("linear probe of") and "60 clean training images" in lines[0]
+    encoding = [line for line in lines if line.startswith("encoding")]
+    assert encoding[0].startswith("encoding clean training images: 60 / 60 images") and "ETA" in encoding[0]
+    assert len(encoding) == 5  # the training set, then the test set at each of the four sigmas
+    sigma = next(line for line in lines if line.startswith("sigma"))
+    assert sigma.split() == ["sigma", "0.00", "0.25", "0.50", "1.00"]
+    accuracies = [float(a) for a in lines[lines.index(sigma) + 1].split()[1:]]
     assert len(accuracies) == 4 and accuracies[0] >= 50  # solid-colour classes, 10% is chance

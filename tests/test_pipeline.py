@@ -10,10 +10,10 @@ import certify
 import finetune
 import model
 import pretrain
-from conftest import ROOT, refusal
+from conftest import FAST, ROOT, refusal
 from model import load_checkpoint, model_from_checkpoint
 
-TINY = ["--preset", "tiny", "--batch", "20", "--warmup", "2", "--log-every", "1", "--no-compile", "--kernels", "torch"]
+TINY = ["--preset", "tiny", "--batch", "20", "--warmup", "2", "--log-every", "1", *FAST]
 
 
 def run_pretrain(cifar_dir, out, steps=3, extra=()):
@@ -28,11 +28,11 @@ def same_weights(a: dict, b: dict) -> bool:
 def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
     run_pretrain(cifar_dir, tmp_path / "pre")
     finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
-                   "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--train-images", "40", "--no-compile", "--kernels", "torch"])
+                   "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--train-images", "40", *FAST])
     assert load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"), "finetune")["step"] == 2  # 40 of the 60 images: 2 steps
     tsv = tmp_path / "c.tsv"
-    certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv),
-                  "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", "--no-compile", "--kernels", "torch"])
+    certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv), "--sigma", "0.25",
+                  "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", *FAST])
     lines = tsv.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and [l.split("\t")[0] for l in lines[1:]] == ["0", "5", "10"]
     for line in lines[1:]:
@@ -48,7 +48,7 @@ def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
 def test_finetune_loss_decreases_on_a_set_it_can_overfit(cifar_dir, tmp_path, capsys):
     finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
                    "--sigma", "0.12", "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1", "--batch", "20",
-                   "--lr", "1e-3", "--no-scale-lr", "--log-every", "1", "--no-compile", "--kernels", "torch"])
+                   "--lr", "1e-3", "--log-every", "1", *FAST])
     losses = [float(l.split("| ce ")[1].split()[0]) for l in capsys.readouterr().out.splitlines() if "| ce " in l]
     assert len(losses) == 24 and sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
 

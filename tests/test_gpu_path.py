@@ -1,0 +1,139 @@
+"""What a GPU runs by default, run on this CPU in every CI run.
+
+On a CUDA machine every script defaults to torch.compile (Inductor), the fused Triton kernels and bf16 autocast,
+and the scale-out command adds processes. Here that path runs with the kernels under Triton's interpreter, in
+one process and in two (torchrun, gloo): a pre-training step, a fine-tuning step and certification, tiny preset,
+each compared with the reference path (eager, PyTorch's kernels, fp32) on the same data and noise.
+
+Sizes are the smallest that still exercise every piece: the interpreter runs each Triton program in Python
+(~15 ms a program; one tiny-preset image is 36 attention programs a layer pass). Inductor's C++ is built without
+vector intrinsics (conftest sets TORCHINDUCTOR_VEC_ISA_OK=0: half the compile time); the C++ Inductor writes for
+a CPU is not what it writes for a GPU anyway. What these tests guard is the path up to it, which is the same:
+Dynamo's trace, AOTAutograd, the custom ops' fake tensors and the stride checks Inductor puts around them,
+bf16 through every op, and the collectives of several processes.
+Under RRCM_TEST_GPU=1 the one-process runs use the GPU; the two-process runs use two GPUs where there are two,
+else the CPU with the interpreter (one GPU cannot hold two NCCL ranks).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import certify
+import finetune
+import pretrain
+from conftest import ROOT, update_difference
+from model import ViT, load_checkpoint, vit_config
+
+GPU_DEFAULTS = ["--compile", "--kernels", "triton", "--precision", "bf16"]
+REFERENCE = ["--no-compile", "--kernels", "torch", "--precision", "fp32"]
+
+# How far the bf16 path may be from the fp32 reference: bf16 (8 bits of mantissa) rounds every matmul input.
+LOSS_TOLERANCE = 0.02      # absolute and relative, on each logged loss term of the first step (same weights, same
+                           # inputs): InfoNCE's logits reach 1 / tau = 5, which bf16 rounds by up to 5 * 2^-8 = 0.02
+                           # (measured 2026-11-23: contrastive 0.1070 against 0.0988, consistency 0.2525 / 0.2538)
+UPDATE_TOLERANCE = 0.15    # || update_bf16 - update_fp32 || / || update_fp32 || after one AdamW step, whose first
+                           # update is lr * sign(g): gradient entries near 0 may flip sign under bf16 (measured:
+                           # 5.4 % / 2.3 % for pre-training in 1 / 2 processes, 5.4 % / 4.7 % for fine-tuning)
+
+
+def torchrun(*argv: str, log_dir) -> subprocess.CompletedProcess:
+    """Two processes running the GPU defaults; on failure the message holds each rank's own stderr."""
+    env = dict(os.environ)
+    if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2):
+        env |= {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}  # CPU, gloo, the interpreter
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(log_dir),
+           "--redirects", "2", "--tee", "1", "--", *argv]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    if result.returncode != 0:
+        errors = [open(os.path.join(d, f)).read()[-3000:] for d, _, files in os.walk(log_dir) for f in files if f == "stderr.log"]
+        raise AssertionError(f"torchrun exited {result.returncode}\n" + "\n---\n".join(errors) + result.stderr[-2000:])
+    return result
+
+
+def logged(out: str, step: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The loss terms a script's log line of `step` reports, e.g. 'step 1/1 | consistency 0.25 | ...'."""
+    lines = [line.split("]:", 1)[1] if line.startswith("[default") else line for line in out.splitlines()]  # torchrun's tee
+    line = next(line for line in lines if line.startswith(step + " |"))
+    fields = dict(part.strip().split(" ", 1) for part in line.split("|")[1:] if part.strip().split(" ", 1)[0] in names)
+    return {k: float(v) for k, v in fields.items()}
+
+
+def close(a: dict[str, float], b: dict[str, float], tol: float) -> bool:
+    return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * (1 + abs(b[k])) for k in a)
+
+
+def run(script: str, argv: list, flags: list, processes: int, log_dir) -> str:
+    """What the script printed, run in this process or under torchrun."""
+    if processes == 1:
+        {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[script]([*argv, *flags])
+        return ""
+    return torchrun(script, *argv, *flags, log_dir=log_dir).stdout
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tmp_path, capsys):
+    """One pre-training step and one fine-tuning step, 2 images per process, against the reference path in one
+    process on the same global batch and shards (so the same images, augmentations and noise). Two processes
+    with 2 images each compile the graphs one process with 2 images compiled: Inductor's cache serves them."""
+    batch = ["--batch", str(2 * processes), "--shards", str(processes), "--log-every", "1"]
+    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "1", "--warmup", "0", *batch]
+    terms = ("consistency", "contrastive")
+    pretrain.main([*pre, "--out", str(tmp_path / "pre_ref"), *REFERENCE])
+    ref = logged(capsys.readouterr().out, "step 1/1", terms)
+    printed = run("pretrain.py", [*pre, "--out", str(tmp_path / "pre_gpu")], GPU_DEFAULTS, processes, tmp_path / "l1")
+    printed += capsys.readouterr().out
+    assert f"{processes} process(es) on cpu | precision bf16 | kernels triton" in printed.replace("[default0]:", "")
+    gpu = logged(printed, "step 1/1", terms)
+    assert close(gpu, ref, LOSS_TOLERANCE), (ref, gpu)
+    torch.manual_seed(0)  # pretrain.py's initial weights (seed 0)
+    start = ViT(vit_config("tiny", "cifar10")).state_dict()
+    runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "pretrain") for name in ("pre_ref", "pre_gpu")}
+    gap = update_difference(runs["pre_gpu"]["model"], runs["pre_ref"]["model"], start)
+    assert gap < UPDATE_TOLERANCE, f"pre-training updates differ by {gap:.1%}"
+
+    # Fine-tuning from the reference's pre-trained weights: one step of 2 noisy copies per image, then evaluation.
+    ft = ["--init", str(tmp_path / "pre_ref" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
+          "--train-images", str(2 * processes), "--eval-images", "4", "--train-head", *batch]
+    terms = ("loss", "ce", "kl", "entropy")
+    finetune.main([*ft, "--out", str(tmp_path / "ft_ref"), *REFERENCE])
+    ref = logged(capsys.readouterr().out, "step 1/1", terms)
+    printed = run("finetune.py", [*ft, "--out", str(tmp_path / "ft_gpu")], GPU_DEFAULTS, processes, tmp_path / "l2")
+    gpu = logged(printed + capsys.readouterr().out, "step 1/1", terms)
+    assert close(gpu, ref, LOSS_TOLERANCE), (ref, gpu)
+    start = runs["pre_ref"]["model"]
+    runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "finetune")["model"] for name in ("ft_ref", "ft_gpu")}
+    gap = update_difference(runs["ft_gpu"], runs["ft_ref"], start)
+    assert gap < UPDATE_TOLERANCE, f"fine-tuning updates differ by {gap:.1%}"
+
+
+def rows(tsv) -> list[list[str]]:
+    """The TSV's rows without the time column."""
+    return [line.split("\t")[:5] for line in open(tsv).read().splitlines()[1:]]
+
+
+def test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_processes(confident, cifar_dir, tmp_path):
+    """Certify two images with 10 + 10 samples each: the GPU path gives the same certificates as the reference,
+    and two processes give the same file as one."""
+    argv = ["--checkpoint", confident, "--data-dir", cifar_dir, "--n0", "10", "--n", "10", "--num", "2", "--skip", "7",
+            "--batch", "100", "--sigma", "0.12"]
+    certify.main([*argv, "--out", str(tmp_path / "ref.tsv"), *REFERENCE])
+    certify.main([*argv, "--out", str(tmp_path / "gpu1.tsv"), *GPU_DEFAULTS])
+    torchrun("certify.py", *argv, "--out", str(tmp_path / "gpu2.tsv"), *GPU_DEFAULTS, log_dir=tmp_path / "l3")
+    ref, gpu1, gpu2 = (rows(tmp_path / f"{name}.tsv") for name in ("ref", "gpu1", "gpu2"))
+    assert gpu2 == gpu1
+    assert [r[:3] for r in gpu1] == [r[:3] for r in ref] and all(r[2] != "-1" for r in ref), (ref, gpu1)
+    # 10 of 10 samples agreeing certify sigma Phi^-1(0.001^(1/10)) = 0.0003; one flipped sample would abstain.
+    assert all(abs(float(a[3]) - float(b[3])) < 1e-3 for a, b in zip(gpu1, ref)), (ref, gpu1)
+
+
+@pytest.fixture(scope="module")
+def confident(cifar_dir, tmp_path_factory) -> str:
+    """A tiny classifier that gets the synthetic classes right under noise sigma 0.12 (eager fp32: cheap)."""
+    out = tmp_path_factory.mktemp("confident")
+    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--sigma", "0.12",
+                   "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1", "--batch", "20", "--lr", "1e-3",
+                   "--eval-images", "20", "--log-every", "100", *REFERENCE])
+    return str(out / "ckpt.pt")
