@@ -41,6 +41,8 @@ class StopSignal:
 
     def _record(self, signum, frame) -> None:
         self.signum = signum
+        for s in self.SIGNALS:  # first: a second signal arriving while this one is reported must already exit
+            signal.signal(s, self._exit_now)
         name = signal.Signals(signum).name
         when = (f"the last one took {clock(self.step_seconds)}" if self.step_seconds is not None
                 else f"it started {clock(time.time() - self.last_call)} ago")
@@ -48,8 +50,6 @@ class StopSignal:
             print(f"{self.script}: {name} received: finishing the current step ({when}), then saving a checkpoint "
                   f"and exiting; a second {name} exits at once without saving (the last checkpoint on disk stays)",
                   file=sys.stderr, flush=True)
-        for s in self.SIGNALS:
-            signal.signal(s, self._exit_now)
 
     def _exit_now(self, signum, frame) -> None:
         if self.speaks:

@@ -16,7 +16,6 @@ import json
 import math
 import os
 import sys
-from statistics import NormalDist
 
 import numpy as np
 
@@ -88,19 +87,14 @@ def check_rows(path: str, data: bytes, header: str | None = None) -> list[list[s
     return rows
 
 
-def largest_radius(sigma: float, n: int, alpha: float) -> float:
-    """The largest radius CERTIFY can return: all n samples correct, pA_lower = alpha^(1/n) (Clopper-Pearson)."""
-    return sigma * NormalDist().inv_cdf(alpha ** (1 / n))
-
-
 def check_radii(path: str, radius: np.ndarray) -> None:
     """With certify.py's sidecar <tsv>.json (sigma, n, alpha), refuse radii that no run of that configuration
     can certify: a file edited by hand, or from another configuration."""
     try:
         with open(path + ".json") as f:
             meta = json.load(f)
-        # Abstentions are written as radius 0, also where n is too small to certify anything (bound < 0).
-        bound = max(0.0, largest_radius(float(meta["sigma"]), int(meta["n"]), float(meta["alpha"])))
+        from smoothing import largest_radius  # here only: the tables need numpy alone, smoothing needs torch
+        bound = largest_radius(int(meta["n"]), float(meta["alpha"]), float(meta["sigma"]))  # 0: abstentions only
     except (OSError, ValueError, KeyError, TypeError):
         return  # no (usable) sidecar: a TSV from other code; the table's columns stay bounded anyway
     if len(radius) and radius.max() > bound + 1e-4:

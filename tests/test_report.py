@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import report
+import smoothing
 from conftest import ROOT
 
 ROWS = "0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n"
@@ -137,7 +138,7 @@ def write_run(path, accuracy, sigma, images=500):
     counts = [round(a * images / 100) for a in accuracy] + [0]
     radii = []
     for k in range(5):
-        radii += [min(0.25 * k + 0.01, report.largest_radius(sigma, 100_000, 0.001))] * (counts[k] - counts[k + 1])
+        radii += [min(0.25 * k + 0.01, smoothing.largest_radius(100_000, 0.001, sigma))] * (counts[k] - counts[k + 1])
     rows = [f"{i}\t{i % 10}\t{i % 10}\t{r:.4f}\t1\t1.0" for i, r in enumerate(radii)]
     rows += [f"{i}\t{i % 10}\t-1\t0.0\t0\t1.0" for i in range(len(radii), images)]
     path.write_text(report.HEADER + "\n" + "".join(row + "\n" for row in rows))
