@@ -105,7 +105,7 @@ def looks_ratio(ratio: float, n: int = PAPER_N) -> list[int]:
 def simulate(images: int, trials: int) -> None:
     radii = certify.PAPER_RADII["cifar10"]
 
-    def design(name: str, looks=None, share=0.99, futility=None, show=True) -> float:
+    def design(name: str, looks=None, share=0.99, futility=None, show=True, reported=radii) -> float:
         smoothing.LAST_LOOK_SHARE = share
         means, differ = [], []
         for sigma in PAPER_SIGMAS:
@@ -113,7 +113,7 @@ def simulate(images: int, trials: int) -> None:
             cls = smoothing.AdaptivePlan
             if futility is not None:
                 cls = type("Plan", (FutilityAt,), {"level": futility})
-            plan = cls(PAPER_N, PAPER_ALPHA, sigma, radii, looks)
+            plan = cls(PAPER_N, PAPER_ALPHA, sigma, reported, looks)
             used, rows, fixed = replay(plan, image_mix(images, rng), PAPER_ALPHA, rng)
             means.append(used.mean())
             differ.append(np.mean(rows != fixed))
@@ -129,6 +129,9 @@ def simulate(images: int, trials: int) -> None:
     print("| design | samples sigma 0.25 | 0.5 | 1.0 | saving | rows differ 0.25 / 0.5 / 1.0 |\n|---|---|---|---|---|---|")
     design("**chosen**: looks x2 (100, 200, 400, ..., 51,200, 100k: 11), 99 % of alpha at n, futility at alpha")
     design("looks x10: 1k, 10k, 100k (3)", looks=[1000, 10_000])
+    # The design of 2026-11-22 that issue 16 measured: three looks at alpha / 3 each, radii up to what n certifies.
+    design("2026-11-22: 1k, 10k, 100k at alpha / 3 each, radii 0, 0.25, ... up to what n certifies", looks=[1000, 10_000],
+           share=1 / 3, reported=[0.25 * i for i in range(20)])
     design("looks x10: 100, 1k, 10k, 100k (4)", looks=[100, 1000, 10_000])
     design("looks x3: 100, 300, 1000, ..., 100k (7)", looks=[100, 300, 1000, 3000, 10_000, 30_000])
     design("looks 1-2-5: 100, 200, 500, 1000, ..., 100k (10)", looks=[m * 10 ** e for e in (2, 3, 4) for m in (1, 2, 5)])
