@@ -177,11 +177,6 @@ class RRCMClassifier(torch.nn.Module):
         return self.model(to_model_space(noisy), self.t)
 
 
-def predict_noisy(model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Base-classifier decisions f(x + sigma eps) of rRCM for a batch of noise, as Smooth computes them."""
-    return RRCMClassifier(model, sigma)(x[None] + sigma * eps).argmax(1)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Results file: one writer, append-only, whole lines only, resumable, never mixed across configurations
 

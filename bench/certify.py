@@ -104,9 +104,10 @@ def precision_agreement(args, device: torch.device) -> None:
         x, _ = test.batch(torch.tensor([idx]))
         eps = smoothing.gaussian_noise(tuple(x.shape[1:]), 0, args.n, 0, idx, smoothing.ESTIMATE, device)
         preds, outcome = {}, {}
+        decisions = smoothing.Smooth(certify.RRCMClassifier(model, sigma), C, sigma).decisions  # eager: f(x + sigma eps)
         for precision in ("fp32", "bf16"):
             with autocast(device, precision):
-                preds[precision] = torch.cat([certify.predict_noisy(model, x[0], e, sigma) for e in eps.split(args.batch)])
+                preds[precision] = torch.cat([decisions(x[0], e) for e in eps.split(args.batch)])
             counts = torch.bincount(preds[precision], minlength=C).cpu().numpy()
             outcome[precision] = smoothing.certify_from_counts(counts, counts, args.n, 0.001, sigma)
         differ += int((preds["fp32"] != preds["bf16"]).sum())
