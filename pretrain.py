@@ -52,7 +52,6 @@ def forwards_per_image(symmetric: bool) -> int:
     return 12 if symmetric else 8
 
 
-
 # The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B) and
 # imagenet_pretrain_rcms.py (S, and tiny). No config for ImageNet B-Deep was released: the paper's Table 4
 # gives it lr 1e-4, the rest is rRCM-B's. ImageNet keeps the patch embedding at its random init
@@ -70,10 +69,11 @@ RECIPES = {
 TAU_RANGE = (0.01, 1.0)  # the paper and MoCo v3 (ViT) use 0.2
 
 
+IMAGENET_RECIPES = {"S": "imagenet-S", "tiny": "imagenet-S", "B-Deep": "imagenet-B-Deep"}  # else "imagenet" (B's)
+
+
 def recipe_name(dataset: str, preset: str) -> str:
-    if dataset == "imagenet" and preset in ("S", "tiny", "B-Deep"):
-        return {"S": "imagenet-S", "tiny": "imagenet-S", "B-Deep": "imagenet-B-Deep"}[preset]
-    return dataset
+    return IMAGENET_RECIPES.get(preset, dataset) if dataset == "imagenet" else dataset
 
 
 def recipe_help(key: str) -> str:
