@@ -42,7 +42,13 @@ from jobs import (Progress, StopSignal, add_run_flags, check_out_dir, clock, clo
 from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
                    resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}  # dense
+
+
+def peak_bf16_flops() -> float | None:
+    """The current CUDA GPU's dense bf16 peak FLOP/s (for MFU); None on a CPU or a GPU not listed: no guess."""
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
 def forwards_per_image(symmetric: bool) -> int:
@@ -280,7 +286,7 @@ def main(argv=None) -> None:
         model.features = torch.compile(model.features, dynamic=False)
         target.features = torch.compile(target.features, dynamic=False)
     mixed = autocast(device, args.precision)
-    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name()), None)
+    peak = peak_bf16_flops() if device.type == "cuda" else None
     say = run_log(args.out, master)
     say(f"pretrain.py | {model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type} | "
         f"precision {args.precision} | kernels {kernels.backend()} | config: {vars(args)}")

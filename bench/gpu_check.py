@@ -158,29 +158,21 @@ def pretrain_rates(log: str) -> tuple[float, float | None]:
     return float(re.search(r"([\d.]+) img/s", lines[-1])[1]), float(mfu[1]) if mfu else None
 
 
-# MFU from measured rates, whatever the scripts average over (their own figures may count compilation). Dense
-# bf16 peaks. Pre-training: pretrain.forwards_per_image encoder forward-equivalents per image (its default loss).
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}
+# MFU from measured rates, whatever the scripts average over (their own figures may count compilation), against
+# pretrain.py's table of dense bf16 peaks. Pre-training: pretrain.forwards_per_image encoder forward-equivalents
+# per image (its default loss); certification: one forward per noisy sample.
 
-
-def peak_flops() -> float | None:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+def mfu(forwards_per_s: float, preset: str) -> float | None:
+    """Percent of the GPU's peak bf16 FLOP/s at this rate of encoder forwards; None on an unknown device."""
+    import pretrain
+    peak = pretrain.peak_bf16_flops()
+    return None if peak is None else 100 * forwards_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() / peak
 
 
 def window_mfu(images_per_s: float, preset: str) -> float | None:
-    """Percent of the GPU's peak bf16 FLOP/s at this pre-training rate; None on an unknown device."""
+    """mfu at this pre-training rate."""
     import pretrain
-    peak = peak_flops()
-    if peak is None:
-        return None
-    return 100 * images_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() * pretrain.forwards_per_image(symmetric=False) / peak
-
-
-def certify_mfu(samples_per_s: float, preset: str) -> float | None:
-    """Percent of peak bf16 FLOP/s at this certification rate (one encoder forward per noisy sample)."""
-    peak = peak_flops()
-    return None if peak is None else 100 * samples_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() / peak
+    return mfu(images_per_s * pretrain.forwards_per_image(symmetric=False), preset)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -214,10 +206,10 @@ def section_certify(plan: dict, gpu: bool, log: str, work: str) -> tuple[bool, s
     seconds = certify_seconds(tsv)
     steady = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     samples = plan["certify_n"] + 100  # n0 = 100 selection samples, then n
-    mfu = certify_mfu(samples / steady, plan["preset"])
+    mfu_percent = mfu(samples / steady, plan["preset"])
     return True, (f"rRCM-{plan['preset']}, N = {plan['certify_n']:,}, {plan['precision']}, --batch {plan['certify_batch']}: "
                   f"**{steady:.2f} s per image** ({samples / steady:,.0f} samples/s"
-                  + (f", MFU {mfu:.1f} %" if mfu is not None else "") + f"; median of images 2..{len(seconds)}; "
+                  + (f", MFU {mfu_percent:.1f} %" if mfu_percent is not None else "") + f"; median of images 2..{len(seconds)}; "
                   f"the first took {seconds[0]:.2f} s). Seconds per image: " + ", ".join(f"{s:.2f}" for s in seconds))
 
 
@@ -230,8 +222,8 @@ def section_pretrain(plan: dict, gpu: bool, log: str, work: str) -> tuple[bool, 
     if not ok:
         return False, f"`{' '.join(cmd[1:])}` failed:\n\n" + tail(out)
     images_per_s, logged_mfu = pretrain_rates(out)
-    mfu = window_mfu(images_per_s, plan["preset"]) if gpu else None
-    mfu_text = "MFU unknown (no peak FLOP/s for this device)" if mfu is None else f"MFU **{mfu:.1f} %** at that rate"
+    mfu_percent = window_mfu(images_per_s, plan["preset"]) if gpu else None
+    mfu_text = "MFU unknown (no peak FLOP/s for this device)" if mfu_percent is None else f"MFU **{mfu_percent:.1f} %** at that rate"
     logged = "no MFU" if logged_mfu is None else f"mfu {logged_mfu:.1f} %"
     return True, (f"rRCM-{plan['preset']}, batch {plan['pretrain_batch']}, {plan['pretrain_steps']} steps: "
                   f"**{images_per_s:.1f} images/s** over the last log window, {mfu_text}; pretrain.py's last "
