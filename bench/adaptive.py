@@ -49,14 +49,14 @@ def image_mix(images: int, rng) -> np.ndarray:
                            rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
 
 
-def replay(plan: smoothing.AdaptivePlan, p: np.ndarray, alpha: float, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def replay(plan: smoothing.AdaptivePlan, p: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(samples, adaptive row, fixed-n row) of one sample path per p_A; fixed-n CERTIFY is the one-look plan."""
     wins = paths(p, plan.looks, rng)
     stop, n_a = plan.replay(wins)
     rows = np.empty(len(p), dtype=int)
     for k in np.unique(stop):
         rows[stop == k] = plan.row(k, n_a[stop == k])
-    fixed = smoothing.AdaptivePlan(plan.n, alpha, plan.sigma, plan.radii, looks=[])
+    fixed = smoothing.AdaptivePlan(plan.n, plan.alpha, plan.sigma, plan.radii, looks=[])
     assert fixed.radii == plan.radii
     return np.asarray(plan.looks)[stop], rows, fixed.row(0, wins[:, -1])
 
@@ -105,23 +105,23 @@ def looks_ratio(ratio: float, n: int = PAPER_N) -> list[int]:
 def simulate(images: int, trials: int) -> None:
     radii = certify.PAPER_RADII["cifar10"]
 
-    def design(name: str, looks=None, share=0.99, futility=None, show=True, reported=radii) -> float:
-        smoothing.LAST_LOOK_SHARE = share
+    def design(name: str, looks=None, share=0.99, futility=None, reported=radii) -> None:
+        saved, smoothing.LAST_LOOK_SHARE = smoothing.LAST_LOOK_SHARE, share
         means, differ = [], []
-        for sigma in PAPER_SIGMAS:
-            rng = np.random.default_rng(0)
-            cls = smoothing.AdaptivePlan
-            if futility is not None:
-                cls = type("Plan", (FutilityAt,), {"level": futility})
-            plan = cls(PAPER_N, PAPER_ALPHA, sigma, reported, looks)
-            used, rows, fixed = replay(plan, image_mix(images, rng), PAPER_ALPHA, rng)
-            means.append(used.mean())
-            differ.append(np.mean(rows != fixed))
-        smoothing.LAST_LOOK_SHARE = 0.99
-        if show:
-            print(f"| {name} | " + " | ".join(f"{m:,.0f}" for m in means) + f" | {PAPER_N / np.mean(means):.1f}x | "
-                  + " / ".join(f"{d:.3%}" for d in differ) + " |", flush=True)
-        return float(np.mean(means))
+        try:
+            for sigma in PAPER_SIGMAS:
+                rng = np.random.default_rng(0)
+                cls = smoothing.AdaptivePlan
+                if futility is not None:
+                    cls = type("Plan", (FutilityAt,), {"level": futility})
+                plan = cls(PAPER_N, PAPER_ALPHA, sigma, reported, looks)
+                used, rows, fixed = replay(plan, image_mix(images, rng), rng)
+                means.append(used.mean())
+                differ.append(np.mean(rows != fixed))
+        finally:
+            smoothing.LAST_LOOK_SHARE = saved
+        print(f"| {name} | " + " | ".join(f"{m:,.0f}" for m in means) + f" | {PAPER_N / np.mean(means):.1f}x | "
+              + " / ".join(f"{d:.3%}" for d in differ) + " |", flush=True)
 
     print(f"{images:,} simulated images per sigma (half p_A ~ U(0.99, 1), a quarter U(0.7, 0.9), a quarter U(0.3, 0.5)), "
           f"n = {PAPER_N:,}, alpha = {PAPER_ALPHA}, radii {radii} capped per sigma; rows differ = the largest reported "
@@ -235,7 +235,7 @@ def main() -> None:
 
     paper = smoothing.AdaptivePlan(PAPER_N, args.alpha, sigma, certify.PAPER_RADII[dataset])
     p_a = np.repeat(np.array([r[5] for r in rows]), 20)
-    used, rows_a, rows_f = replay(paper, p_a, args.alpha, np.random.default_rng(0))
+    used, rows_a, rows_f = replay(paper, p_a, np.random.default_rng(0))
     hours = lambda per_image: 500 * per_image / rate / 3600
     print(f"projected for n = {PAPER_N:,} at sigma {sigma:g} (20 binomial paths at each image's observed p_A; 500 images "
           f"at this rate): fixed {hours(100 + PAPER_N):,.1f} h, adaptive {hours(100 + used.mean()):,.1f} h "
