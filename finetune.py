@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
     g.add_argument("--eval-images", type=int, default=10_000, help="test images for the per-epoch accuracies")
-    add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM", "model")
+    add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     if not (args.sigma > 0 and math.isfinite(args.sigma)):  # also rejects nan
         p.error(f"--sigma must be > 0 and finite, got {args.sigma}")
@@ -321,7 +321,8 @@ def main(argv=None) -> None:
         opt.load_state_dict(ckpt["optimizer"])
         step = ckpt["step"]
     net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
-    net = torch.compile(net) if args.compile else net
+    if args.compile:
+        model.compile_blocks()
     mixed = autocast(device, args.precision)
     say = run_log(args.out, master)
     say(f"finetune.py | {model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type} | "
@@ -330,7 +331,7 @@ def main(argv=None) -> None:
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
     if device.type == "cpu":  # forward + backward (2 forwards) of every noisy copy
-        x, _ = test.batch(torch.arange(min(16, len(test))))
+        x, _ = test.batch(torch.arange(1))
         per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * COPIES * 3
         say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (total - step))} "
             f"for the {total - step} steps to go")

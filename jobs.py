@@ -74,7 +74,7 @@ class StopSignal:
         sys.exit(128 + max(self.signum, 1))
 
 
-def add_run_flags(g, save_every: int, save_when: str, compiled: str) -> None:
+def add_run_flags(g, save_every: int, save_when: str) -> None:
     """The flags both trainers share: seed and shards, logging, checkpoints, compilation, kernels, precision."""
     import kernels
     from model import PRECISIONS
@@ -84,7 +84,7 @@ def add_run_flags(g, save_every: int, save_when: str, compiled: str) -> None:
     g.add_argument("--log-every", type=int, default=50, help="steps between log lines (also step 1 and the last)")
     g.add_argument("--save-every", type=int, default=save_every, help=f"steps between checkpoints ({save_when})")
     g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help=f"torch.compile the {compiled}")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the transformer blocks (ViT.compile_blocks)")
     g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
     g.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
@@ -116,16 +116,15 @@ class Progress:
 
 
 def forward_seconds_per_image(model, x: torch.Tensor, t: float, mixed) -> float:
-    """Seconds of one no-grad forward per image, timed on two images of x (after a warm-up call): the first
-    guess of a step's time that lets a slow run (preset B on a CPU) say how long it will take before its
-    first step ends. A backward costs about two forwards. Two images suffice, a CPU's time being linear in
-    the batch, and keep the guess cheap where the forward is slow (the Triton interpreter in the tests)."""
-    x = x[:2]
-    features = type(model).features  # the eager encoder, not a compiled one (which would compile for this shape)
-    with torch.no_grad(), mixed:
-        features(model, x, t)
+    """Seconds of one no-grad forward per image of x (timed after a warm-up call): the first guess of a step's
+    time that lets a slow run (preset B on a CPU) say how long it will take before its first step ends. A
+    backward costs about two forwards. The scripts time one image: a CPU's time is linear in the batch, and
+    the guess stays cheap where the forward is slow (the Triton interpreter in the tests)."""
+    # Eager, compiled blocks included: compiling a graph for this shape would cost more than the guess saves.
+    with torch.no_grad(), mixed, torch.compiler.set_stance("force_eager"):
+        model.features(x, t)
         start = time.time()
-        features(model, x, t)
+        model.features(x, t)
     return (time.time() - start) / len(x)
 
 

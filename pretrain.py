@@ -111,7 +111,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "paper's Algorithm 1 and the code the paper's tables came from")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
-    add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM", "step")
+    add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
         if getattr(args, key, None) is None:
@@ -171,7 +171,7 @@ def learning_rate(step: int, total_steps: int, lr: float, warmup: int) -> float:
 # ----------------------------------------------------------------------------------------------------
 # Losses
 
-def consistency_loss(model: ViT, x0, eps, t_n: torch.Tensor, t_next: torch.Tensor, tau: float) -> torch.Tensor:
+def consistency_loss(model: ViT, x0, eps, t_n: float, t_next: float, tau: float) -> torch.Tensor:
     """Eq. (7)-(8), (11): InfoNCE between h(x_{t_n}) and stop-grad h(x_{t_{n+1}}) on one trajectory."""
     q = F.normalize(model.features(x0 + t_n * eps, t_n), dim=1)
     with torch.no_grad():  # EMA rate 0: the key is the online model itself, without gradient
@@ -183,8 +183,7 @@ def consistency_loss(model: ViT, x0, eps, t_n: torch.Tensor, t_next: torch.Tenso
 def project(model: ViT, views: tuple, eps) -> list[torch.Tensor]:
     """L2-normalised projector outputs of the views at t = sigma_min. One encoder pass for all views; the
     projector (BatchNorm) sees each view on its own, as in MoCo v3."""
-    t = torch.tensor(SIGMA_MIN, device=eps.device)  # a tensor like the consistency pass's t: one compiled encoder serves both
-    h = model.features(torch.cat(views) + SIGMA_MIN * eps.repeat(len(views), 1, 1, 1), t).chunk(len(views))
+    h = model.features(torch.cat(views) + SIGMA_MIN * eps.repeat(len(views), 1, 1, 1), SIGMA_MIN).chunk(len(views))
     return [F.normalize(model.projector(part), dim=1) for part in h]
 
 
@@ -207,7 +206,7 @@ class Objective(nn.Module):
         super().__init__()
         self.model, self.tau, self.symmetric = model, tau, symmetric
 
-    def forward(self, x0, v1, v2, eps, t_n: torch.Tensor, t_next: torch.Tensor, keys: list):
+    def forward(self, x0, v1, v2, eps, t_n: float, t_next: float, keys: list):
         queries = project(self.model, (v1, v2) if self.symmetric else (v1,), eps)
         return (consistency_loss(self.model, x0, eps, t_n, t_next, self.tau),
                 contrastive_loss(queries, keys, self.tau))
@@ -280,11 +279,10 @@ def main(argv=None) -> None:
     if world > 1:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
-        # The encoder is where the time goes: compile it, for the online model and the target alike (one graph
-        # for passes with gradient, one without: the weights are inputs of the graph), and leave the projector,
-        # its BatchNorm's all-reduce and the fused InfoNCE eager. Half the graph a compiled objective would trace.
-        model.features = torch.compile(model.features, dynamic=False)
-        target.features = torch.compile(target.features, dynamic=False)
+        # The encoder's blocks are where the time goes; the projector, its BatchNorm's all-reduce and the fused
+        # InfoNCE stay eager. Three graphs: with gradient, and without for the online key and for the target.
+        model.compile_blocks()
+        target.compile_blocks()
     mixed = autocast(device, args.precision)
     peak = peak_bf16_flops() if device.type == "cuda" else None
     say = run_log(args.out, master)
@@ -293,7 +291,7 @@ def main(argv=None) -> None:
     if step:
         say(f"resuming {args.out}/ckpt.pt at step {step}")
     if device.type == "cpu":
-        x, _ = data.batch(torch.arange(min(16, len(data))))
+        x, _ = data.batch(torch.arange(1))
         per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * forwards_per_image(args.symmetric)
         say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
             f"for the {args.steps - step} steps to go")
@@ -317,8 +315,7 @@ def main(argv=None) -> None:
             with mixed:
                 with torch.no_grad():
                     keys = project(target, target_views(v1, v2, args.symmetric), eps)
-                # t as a tensor, not a Python float: a compiled graph would otherwise specialise on each value
-                t_n, t_next = torch.tensor(sigmas[n:n + 2], device=device)
+                t_n, t_next = sigmas[n], sigmas[n + 1]
                 loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, keys)
                 loss = loss_cons + loss_ctr
             check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)

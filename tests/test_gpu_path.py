@@ -14,6 +14,7 @@ bf16 through every op, and the collectives of several processes.
 Under RRCM_TEST_GPU=1 the one-process runs use the GPU; the two-process runs use two GPUs where there are two,
 else the CPU with the interpreter (one GPU cannot hold two NCCL ranks).
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -65,10 +66,23 @@ def close(a: dict[str, float], b: dict[str, float], tol: float) -> bool:
     return a.keys() == b.keys() and all(abs(a[k] - b[k]) <= tol * (1 + abs(b[k])) for k in a)
 
 
+@contextlib.contextmanager
+def one_thread():
+    """torch's thread count as torchrun sets it for each rank: Inductor's C++ names its thread count, so the
+    ranks then reuse this process's compiled graphs from Inductor's cache instead of compiling them again."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run(script: str, argv: list, flags: list, processes: int, log_dir) -> str:
     """What the script printed, run in this process or under torchrun."""
     if processes == 1:
-        {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[script]([*argv, *flags])
+        with one_thread():
+            {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[script]([*argv, *flags])
         return ""
     return torchrun(script, *argv, *flags, log_dir=log_dir).stdout
 
@@ -120,12 +134,8 @@ def test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_proc
     argv = ["--checkpoint", confident, "--data-dir", cifar_dir, "--n0", "10", "--n", "10", "--num", "2", "--skip", "7",
             "--batch", "100", "--sigma", "0.12"]
     certify.main([*argv, "--out", str(tmp_path / "ref.tsv"), *REFERENCE])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun sets each rank: Inductor's C++ names its thread count, so the ranks reuse
-    try:                      # this process's compiled graph from Inductor's cache instead of compiling it again
+    with one_thread():
         certify.main([*argv, "--out", str(tmp_path / "gpu1.tsv"), *GPU_DEFAULTS])
-    finally:
-        torch.set_num_threads(threads)
     torchrun("certify.py", *argv, "--out", str(tmp_path / "gpu2.tsv"), *GPU_DEFAULTS, log_dir=tmp_path / "l3")
     ref, gpu1, gpu2 = (rows(tmp_path / f"{name}.tsv") for name in ("ref", "gpu1", "gpu2"))
     assert gpu2 == gpu1
