@@ -26,7 +26,7 @@ from statistics import NormalDist
 
 import numpy as np
 import torch
-from scipy.stats import beta, binomtest
+from scipy.special import bdtr, betaincinv  # not scipy.stats: half a second more at every start
 
 ABSTAIN = -1
 CHUNK = 100  # samples per noise stream: the unit in which noise is seeded, and the granularity of batches and looks
@@ -40,12 +40,12 @@ PHI = NormalDist()  # the standard normal: PHI.cdf, PHI.inv_cdf (exact to double
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson lower bound on a binomial proportion from k successes in n:
     with probability at least 1 - alpha over the samples it is <= the true proportion."""
-    return 0.0 if k == 0 else float(beta.ppf(alpha, k, n - k + 1))
+    return 0.0 if k == 0 else float(betaincinv(k, n - k + 1, alpha))  # the Beta(k, n - k + 1) quantile at alpha
 
 
 def upper_confidence_bound(k: int, n: int, alpha: float) -> float:
     """One-sided (1 - alpha) Clopper-Pearson upper bound on a binomial proportion from k successes in n."""
-    return 1.0 if k == n else float(beta.ppf(1 - alpha, k + 1, n - k))
+    return 1.0 if k == n else float(betaincinv(k + 1, n - k, 1 - alpha))
 
 
 def radius_from_bound(p_lower: float, sigma: float) -> float | None:
@@ -68,8 +68,13 @@ def predict_from_counts(counts: np.ndarray, alpha: float) -> int:
     """PREDICT: the top class, unless a two-sided binomial test of the top two counts has p-value > alpha
     (abstain). Guarantee: with probability at least 1 - alpha it does not return a class other than g(x)."""
     top2 = np.argsort(counts)[::-1][:2]
-    n_a, n_b = int(counts[top2[0]]), int(counts[top2[1]])
-    return ABSTAIN if binomtest(n_a, n_a + n_b, 0.5).pvalue > alpha else int(top2[0])
+    return ABSTAIN if sign_test_pvalue(int(counts[top2[0]]), int(counts[top2[1]])) > alpha else int(top2[0])
+
+
+def sign_test_pvalue(n_a: int, n_b: int) -> float:
+    """Two-sided p-value of n_a against n_b under Bin(n_a + n_b, 1/2) (the binomial test PREDICT uses): the
+    distribution is symmetric, so it is twice the tail P(X <= min(n_a, n_b)), at most 1."""
+    return min(1.0, 2 * float(bdtr(min(n_a, n_b), n_a + n_b, 0.5)))
 
 
 def largest_radius(n: int, alpha: float, sigma: float) -> float:

@@ -44,6 +44,15 @@ def test_predict_uses_binomial_test():
     assert smoothing.predict_from_counts(np.array([5, 80, 15]), 0.001) == 1
 
 
+def test_sign_test_pvalue_is_scipys_binomial_test():
+    rng = np.random.default_rng(0)
+    pairs = [(0, 0), (1, 0), (0, 1), (5, 5), (6, 5), (60, 35), (100000, 0), (50001, 49999)]
+    pairs += [tuple(int(c) for c in rng.multinomial(n, [0.5 + d, 0.5 - d])) for n in (10, 1000, 100000) for d in (0, 0.01, 0.1, 0.3)]
+    for n_a, n_b in pairs:
+        want = binomtest(n_a, n_a + n_b, 0.5).pvalue if n_a + n_b else 1.0
+        assert smoothing.sign_test_pvalue(n_a, n_b) == pytest.approx(want, rel=1e-9, abs=1e-300), (n_a, n_b)
+
+
 # ----------------------------------------------------------------------------------------------------
 # A plain linear classifier, certified through the public API
 
