@@ -22,15 +22,18 @@ layout) and randomly initialised checkpoints, except e2e: speed does not depend 
 breaks this one.
 """
 import argparse
+import contextlib
 import math
 import os
 import pickle
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict
 
@@ -68,29 +71,36 @@ def run(cmd: list[str], timeout: float, log: str, env: dict | None = None, inter
     written to `log` line by line as it comes (a section cut off by a time-out keeps what it printed). The
     scripts decide about the interpreter themselves (the tests' conftest, bench/kernels.py without a GPU),
     so an inherited TRITON_INTERPRET is dropped: certify.py and pretrain.py must run the real thing, unless
-    `interpret` (--cpu-tiny's --kernels triton)."""
+    `interpret` (--cpu-tiny's --kernels triton). At the deadline the command's whole process group is killed
+    by a timer, whether or not it is printing: a silent hang, or torchrun's ranks, cannot outlive the budget."""
     env = {k: v for k, v in (env or os.environ).items() if k != "TRITON_INTERPRET"} | {"PYTHONUNBUFFERED": "1"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     if timeout <= 0:
         return False, "no time left in this section's budget\n", 0.0
-    start, lines = time.perf_counter(), []
+    start, lines, expired = time.perf_counter(), [], threading.Event()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # its own process group, so the kill reaches its children
+
+        def kill() -> None:
+            expired.set()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, kill)
+        timer.start()
         try:
-            deadline = start + timeout
-            for line in proc.stdout:
+            for line in proc.stdout:  # ends when every process holding the pipe has exited
                 lines.append(line)
                 f.write(line)
                 f.flush()
-                if time.perf_counter() > deadline:
-                    raise subprocess.TimeoutExpired(cmd, timeout)
-            proc.wait(timeout=max(1.0, deadline - time.perf_counter()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
             proc.wait()
-            lines.append(f"timed out after {timeout} s\n")
+        finally:
+            timer.cancel()
+        if expired.is_set():
+            lines.append(f"timed out after {timeout:.0f} s\n")
             f.write(lines[-1])
             return False, "".join(lines), time.perf_counter() - start
     return proc.returncode == 0, "".join(lines), time.perf_counter() - start

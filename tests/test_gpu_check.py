@@ -5,6 +5,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -50,6 +51,17 @@ def test_a_failing_section_is_reported_and_the_others_are_kept(tmp_path):
     assert bad.returncode != 0 and bad.stderr.strip() == ("gpu_check.py: error: --only takes sections from tests, kernels, "
                                                           "certify, pretrain, e2e; got 'tests,speed'")
     assert (tmp_path / "report" / "kernels.md").read_text() == "## kernels\n\nmeasured earlier\n"
+
+
+def test_a_command_past_its_time_is_killed_with_its_children_even_when_silent(tmp_path):
+    """A section's budget holds against a hang that prints nothing and against children that keep the output
+    pipe open (torchrun's ranks): both sleep 20 s, the budget is 1 s."""
+    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)']); time.sleep(20)"
+    start = time.perf_counter()
+    ok, out, _ = gpu_check.run([sys.executable, "-c", child], 1.0, str(tmp_path / "log"))
+    assert not ok and out.endswith("timed out after 1 s\n") and time.perf_counter() - start < 10
+    ok, out, _ = gpu_check.run([sys.executable, "-c", "print('done')"], 60.0, str(tmp_path / "log"))
+    assert ok and out == "done\n"
 
 
 def test_certify_seconds_reads_the_time_column(tmp_path):
