@@ -71,6 +71,18 @@ def finetune_args(cifar_dir, out, *extra):
 
 
 @pytest.fixture(scope="session")
+def confident(cifar_dir, tmp_path_factory) -> str:
+    """A tiny classifier trained until it gets the synthetic classes right under noise sigma 0.12 (eager fp32,
+    8 epochs of 3 steps, each logged): test_pipeline reads its losses, test_gpu_path certifies with it."""
+    import finetune
+    out = tmp_path_factory.mktemp("confident")
+    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--sigma", "0.12",
+                   "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1", "--batch", "20", "--lr", "1e-3",
+                   "--log-every", "1", *FAST])
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="session")
 def finetuned(cifar_dir, tmp_path_factory) -> str:
     """A tiny fine-tuned checkpoint (one epoch from scratch) shared by the certification tests."""
     import finetune

@@ -142,13 +142,3 @@ def test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_proc
     assert [r[:3] for r in gpu1] == [r[:3] for r in ref] and all(r[2] != "-1" for r in ref), (ref, gpu1)
     # 10 of 10 samples agreeing certify sigma Phi^-1(0.001^(1/10)) = 0.0003; one flipped sample would abstain.
     assert all(abs(float(a[3]) - float(b[3])) < 1e-3 for a, b in zip(gpu1, ref)), (ref, gpu1)
-
-
-@pytest.fixture(scope="module")
-def confident(cifar_dir, tmp_path_factory) -> str:
-    """A tiny classifier that gets the synthetic classes right under noise sigma 0.12 (eager fp32: cheap)."""
-    out = tmp_path_factory.mktemp("confident")
-    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--sigma", "0.12",
-                   "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1", "--batch", "20", "--lr", "1e-3",
-                   "--eval-images", "20", "--log-every", "100", *REFERENCE])
-    return str(out / "ckpt.pt")
