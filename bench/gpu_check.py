@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = GPU_PLAN if gpu else TINY_PLAN
     folder = os.path.splitext(args.out)[0]
     os.makedirs(folder, exist_ok=True)
-    failed = []
+    failed, device = [], device_line(gpu)
     for section in only:
         log = os.path.join(folder, f"{section}.log")
         open(log, "w").close()
@@ -339,13 +339,15 @@ def main(argv: list[str] | None = None) -> int:
                 ok, body = section_tests(plan, gpu, log)
             elif section == "kernels":
                 ok, body = section_kernels(plan, gpu, log)
-            elif section == "e2e":
-                ok, body = section_e2e(plan, gpu, log, work, args.data_dir)
+            elif section == "certify":
+                ok, body = section_certify(plan, gpu, log, work)
+            elif section == "pretrain":
+                ok, body = section_pretrain(plan, gpu, log, work)
             else:
-                ok, body = {"certify": section_certify, "pretrain": section_pretrain}[section](plan, gpu, log, work)
+                ok, body = section_e2e(plan, gpu, log, work, args.data_dir)
         seconds = time.perf_counter() - start
         with open(os.path.join(folder, f"{section}.md"), "w") as f:
-            f.write(f"## {section}{'' if ok else ' (FAILED)'}\n\n{time.strftime('%Y-%m-%d %H:%M')}, {device_line(gpu)}; "
+            f.write(f"## {section}{'' if ok else ' (FAILED)'}\n\n{time.strftime('%Y-%m-%d %H:%M')}, {device}; "
                     f"{seconds:.0f} s\n\n{body}\n")
         print(f"gpu_check: {section}: {'ok' if ok else 'FAILED'} ({seconds:.0f} s)", flush=True)
         failed += [] if ok else [section]
