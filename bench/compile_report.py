@@ -123,7 +123,7 @@ def builds() -> list[dict]:
 
 
 def label(build: dict) -> str:
-    consts = " ".join(f"{k}={v}" for k, v in build["constexprs"].items() if k not in ("UPCAST", "PRECISION"))
+    consts = " ".join(f"{k}={v}" for k, v in build["constexprs"].items() if k != "UPCAST")
     return f"{consts} w{build['num_warps']} s{build['num_stages']}"
 
 

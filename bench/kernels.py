@@ -3,7 +3,7 @@ attention, torch's scaled_dot_product_attention), at the shapes of rRCM-B. Ratio
 
     python bench/kernels.py            # on a GPU: the real shapes, bf16 and fp32 (markdown tables)
     python bench/kernels.py --tiny     # toy shapes, bf16 only: seconds under the interpreter (gpu_check.py --cpu-tiny)
-In the fp32 tables the fused kernels multiply as 3xTF32 (kernels/launch.py: dot_precision) and the references
+In the fp32 tables the fused kernels multiply as 3xTF32 (kernels/launch.py: dot) and the references
 in IEEE fp32 (torch's default, TF32 off). On a machine without CUDA it runs every measurement at toy shapes (batch / 64 for attention and
 cross-entropy, / 512 for InfoNCE) under the Triton interpreter: that checks that the script and kernels
 run, and says nothing about speed.

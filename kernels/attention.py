@@ -8,7 +8,7 @@ Shapes: q, k, v are [B, H, L, D]. L need not be a multiple of the block (rRCM us
 64 patches + class + time token, and 198 on ImageNet); D is any size up to 128 (padded to a power of two
 inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
 
-fp32 products are 3xTF32 (launch.dot_precision), bf16 and fp16 ones go to the tensor cores as they are.
+fp32 products are 3xTF32 (launch.dot), bf16 and fp16 ones go to the tensor cores as they are.
 Autotune configs below are an untuned first guess: no GPU has been available to tune them yet; they are
 only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the
 first config is used as is.
@@ -19,13 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, dot_precision, tile, upcast
+from .launch import autotuned, dot, tile, upcast
 
 LOG2E = 1.4426950408889634
 
 # (BLOCK_M query rows, BLOCK_N key rows, warps, stages) of each kernel. Unmeasured guesses (no GPU has run
 # them yet), kept to those that compile without register spills for sm_80 and sm_90a, in bf16 and in fp32
-# (3xTF32, launch.dot_precision: about twice bf16's registers per tile), at head dims 32 and 64, under
+# (3xTF32, launch.dot: about twice bf16's registers per tile), at head dims 32 and 64, under
 # Triton 3.6 and 3.9 (tests/test_gpu_compile.py; bench/README.md has the table). What spilled: 32 x 32 with
 # 4 warps in the forward (bf16, D_PAD 32, sm_80, Triton 3.6), and every dk/dv tile over 16 x 32 or 32 x 16
 # in fp32. Larger bf16 tiles compile but would need their own fp32 list; a GPU measurement should decide.
@@ -55,8 +55,7 @@ def _program(L, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
-                D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+                D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,13 +72,13 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
         key_ok = keys < L
         k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
         v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = dot(q, tl.trans(k)) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
         m_i = m_new
     acc = acc / l_i[:, None]
     tl.store(O + base + rows[:, None] * D + cols[None, :], acc.to(O.dtype.element_ty),
@@ -90,8 +89,7 @@ def _fwd_kernel(Q, K, V, O, LSE, L, D, scale_log2,
 
 @triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
-                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     # One program owns BLOCK_N keys and sweeps all queries, so dk and dv are written once (no atomics).
     bh, pid_n = _program(L, BLOCK_N)
     base = bh.to(tl.int64) * L * D
@@ -112,21 +110,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, L, D, scale_log2, scale,
         # lse = +inf on padded rows makes their p exactly 0.
         lse = tl.load(LSE + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf"))
         delta = tl.load(DELTA + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = dot(q, tl.trans(k)) * scale_log2
         p = tl.exp2(s - lse[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dv += dot(tl.trans(p.to(do.dtype)), do)
+        dp = dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+        dk += dot(tl.trans(ds.to(q.dtype)), q)
     tl.store(DK + base + keys[:, None] * D + cols[None, :], (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + base + keys[:, None] * D + cols[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
-                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                   PRECISION: tl.constexpr):
+                   D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
     bh, pid_m = _program(L, BLOCK_M)
     base = bh.to(tl.int64) * L * D
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -144,12 +141,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, L, D, scale_log2, scale,
         key_ok = keys < L
         k = _load(K, base, keys, cols, key_ok, col_ok, D, UPCAST)
         v = _load(V, base, keys, cols, key_ok, col_ok, D, UPCAST)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2
+        s = dot(q, tl.trans(k)) * scale_log2
         p = tl.exp2(s - lse[:, None])
         p = tl.where(key_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += dot(ds.to(k.dtype), k)
     tl.store(DQ + base + rows[:, None] * D + cols[None, :], (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
@@ -186,8 +183,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o, lse = _attention_fwd_outputs(q, k, v)
     scale = 1.0 / math.sqrt(D)
-    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q),
-                                        PRECISION=dot_precision(q), **_fwd_blocks)
+    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
     return o, lse
 
 
@@ -210,7 +206,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = _attention_bwd_outputs(do, q, k, v, o, lse)
     scale = 1.0 / math.sqrt(D)
     args = (L, D, scale * LOG2E, scale)
-    consts = dict(D_PAD=d_pad(D), UPCAST=upcast(q), PRECISION=dot_precision(q))
+    consts = dict(D_PAD=d_pad(D), UPCAST=upcast(q))
     _bwd_dkdv[_grid_of("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, **consts, **_bwd_dkdv_blocks)
     _bwd_dq[_grid_of("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, **consts, **_bwd_dq_blocks)
     return dq, dk, dv

@@ -13,19 +13,19 @@ Gradients, with g_i the incoming gradient of loss_i and p_ij = softmax_j(q_i . k
 The sums are one kernel run twice (rows = queries, then rows = keys); the positive terms are O(B D)
 and done in torch. q and k may come in different dtypes (a bf16 query under autocast, fp32 gathered keys):
 both are cast to the wider one before launch; the loss comes back in fp32. fp32 products are 3xTF32
-(launch.dot_precision). Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
+(launch.dot). Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
 without spills (see bench/README.md).
 """
 import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, dot_precision, tile, upcast
+from .launch import autotuned, dot, tile, upcast
 
 LOG2E = 1.4426950408889634
 
 # Unmeasured guesses (no GPU has run them yet), kept to those that compile without register spills for sm_80
-# and sm_90a in bf16 and in fp32 (3xTF32, launch.dot_precision), under Triton 3.6 and 3.9
+# and sm_90a in bf16 and in fp32 (3xTF32, launch.dot), under Triton 3.6 and 3.9
 # (tests/test_gpu_compile.py; bench/README.md has the table). In fp32, 64 x 128 x 64 (lse) and 64 x 64 x 64
 # x 128 (weighted sum) spilled; a 32-wide reduction chunk is what fits. The first config is the
 # interpreter's: small, so the CPU tests loop over several tiles.
@@ -39,8 +39,7 @@ BWD_CONFIGS = [(32, 32, 32, 32, 4, 2), (64, 32, 32, 128, 8, 3)]
 
 @triton.jit
 def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
-            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-            PRECISION: tl.constexpr):
+            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     """s[r, c] = (A[r] . Bm[c]) * scale_log2, reducing over D in chunks (D may be 768: too wide for one tile)."""
     s = tl.zeros([BLOCK_R, BLOCK_C], tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -48,14 +47,13 @@ def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
         d_ok = d < D
         a = tile(tl.load(A + rows[:, None].to(tl.int64) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
         b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
-        s += tl.dot(a, tl.trans(b), input_precision=PRECISION)
+        s += dot(a, tl.trans(b))
     return s * scale_log2
 
 
 @triton.jit
 def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr,
-                PRECISION: tl.constexpr):
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_ok = rows < B
     m_i = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -63,7 +61,7 @@ def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
     for c0 in range(0, M, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < M
-        s = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
+        s = _scores(Q, K, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
@@ -74,8 +72,7 @@ def _lse_kernel(Q, K, LSE, B, M, D, scale_log2,
 @triton.jit
 def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
                          LSE_ON_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, UPCAST: tl.constexpr,
-                         PRECISION: tl.constexpr):
+                         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, UPCAST: tl.constexpr):
     """OUT[r, o] = sum_c w * exp2(s[r, c] - lse) * Bm[c, o] over one tile of output columns o.
     LSE_ON_ROWS: rows are queries (lse and g belong to r; gives dq). Otherwise rows are keys and the
     softmax normaliser and weight belong to the column c (gives dk)."""
@@ -90,7 +87,7 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + tl.arange(0, BLOCK_C)
         col_ok = cols < C
-        s = _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST, PRECISION)
+        s = _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2, BLOCK_R, BLOCK_C, BLOCK_D, UPCAST)
         if LSE_ON_ROWS:
             p = tl.exp2(s - lse_r[:, None])
         else:
@@ -99,7 +96,7 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
             p = tl.exp2(s - lse_c[None, :]) * g_c[None, :]
         p = tl.where(col_ok[None, :], p, 0.0)
         b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + outs[None, :], mask=col_ok[:, None] & out_ok[None, :], other=0.0), UPCAST)
-        acc += tl.dot(p.to(b.dtype), b, input_precision=PRECISION)
+        acc += dot(p.to(b.dtype), b)
     if LSE_ON_ROWS:
         acc = acc * g_r[:, None]
     tl.store(OUT + rows[:, None].to(tl.int64) * D + outs[None, :], acc, mask=row_ok[:, None] & out_ok[None, :])
@@ -122,7 +119,7 @@ def weighted_sum_grid(R: int, D: int, meta: dict) -> tuple[int, int]:
 def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.Tensor:
     out = torch.empty(a.shape, device=a.device, dtype=torch.float32)
     _wsum[lambda meta: weighted_sum_grid(a.shape[0], a.shape[1], meta)](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
-                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), PRECISION=dot_precision(a), **_wsum_blocks)
+                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), **_wsum_blocks)
     return out
 
 
@@ -142,8 +139,7 @@ def _info_nce_fwd(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int) -> 
     B, D = q.shape
     q, k = _common(q, k)
     loss, lse2 = _info_nce_fwd_outputs(q, k, tau, offset)
-    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q),
-                                         PRECISION=dot_precision(q), **_lse_blocks)
+    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
     positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
     loss.copy_(lse2 / LOG2E - positive)
     return loss, lse2

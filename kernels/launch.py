@@ -37,16 +37,21 @@ def upcast(t: torch.Tensor) -> bool:
     return INTERPRET and t.dtype == torch.bfloat16
 
 
-def dot_precision(t: torch.Tensor) -> str:
-    """tl.dot's input_precision for tiles of t's dtype, passed to every kernel as a constexpr.
+@triton.jit
+def dot(a, b):
+    """a @ b accumulated in fp32, the one tl.dot of every kernel here: what fp32 means inside a kernel.
 
     fp32 tiles are multiplied as 3xTF32: each operand is split into a TF32 high part and a TF32 low part and
     three tensor-core products are summed in fp32. Its error is fp32's own (a CPU emulation of products over
     64 to 768 terms: 1e-7 of the sum of |products|, as fp32; plain TF32, Triton's default for fp32, gives
     1e-4, fp16's 10-bit mantissa). IEEE fp32 ("ieee": FMA, no tensor cores) spilled registers in every
     attention dk/dv config we compiled, down to 16 x 16 tiles (bench/README.md). bf16 and fp16 tiles go to
-    the tensor cores as they are ("tf32" is Triton's default there and changes nothing for 16-bit operands)."""
-    return "tf32x3" if t.dtype == torch.float32 else "tf32"
+    the tensor cores as they are ("tf32" changes nothing for 16-bit operands). The dtype is known when the
+    kernel is compiled, so only one branch is compiled in. (The interpreter ignores input_precision.)"""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="tf32x3")
+    else:
+        return tl.dot(a, b, input_precision="tf32")
 
 
 def autotuned(kernel, names: tuple, configs: list, key: list, interpreter: tuple | None = None):

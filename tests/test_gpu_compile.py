@@ -83,7 +83,7 @@ MULTIPLIES_TILES = ("attention.", "info_nce.")  # the kernels with tl.dot; cross
 
 def test_fp32_is_not_plain_tf32(builds):
     """--precision fp32 must not mean TF32 inside the kernels (Triton's default for fp32 tl.dot: fp16's 10-bit
-    mantissa). Every fp32 product is 3xTF32 (launch.dot_precision): tf32x3 on every tl.dot of the Triton IR,
+    mantissa). Every fp32 product is 3xTF32 (launch.dot): tf32x3 on every tl.dot of the Triton IR,
     and in the PTX tensor-core products on operands split into TF32 high and low parts (cvt.rna.tf32.f32),
     which plain TF32 never emits."""
     fp32 = [b for b in builds if not b["error"] and b["dtype"] == "fp32" and b["kernel"].startswith(MULTIPLIES_TILES)]

@@ -16,7 +16,7 @@ from kernels.info_nce import info_nce_reference, info_nce_triton
 from kernels.launch import INTERPRET
 
 DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
-# Largest error relative to max(1, |reference|). fp32 is fp32 in the kernels on a GPU too (launch.dot_precision).
+# Largest error relative to max(1, |reference|). fp32 is fp32 in the kernels on a GPU too (launch.dot).
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (L, D): 66 = CIFAR-10's 64 patches + 2 tokens; with the interpreter's 128 x 64 tiles (attention.INTERPRETER)
