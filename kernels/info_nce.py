@@ -161,8 +161,9 @@ def _info_nce_dq(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.
     """d loss / dq [B, D] in q's dtype, contiguous."""
     dq = _info_nce_dq_outputs(g, q, k, lse2, tau, offset)
     g, (q, k), lse2 = g.float().contiguous(), _common(q, k), lse2.contiguous()
-    dq.copy_((_weighted_sum(q, k, lse2, g, True, LOG2E / tau) - g[:, None] * k[offset:offset + q.shape[0]].float()) / tau)
-    return dq
+    ws = _weighted_sum(q, k, lse2, g, True, LOG2E / tau)
+    ws -= g[:, None] * k[offset:offset + q.shape[0]].float()
+    return torch.div(ws, tau, out=dq)  # written into q's dtype, no temporary
 
 
 def _info_nce_dq_outputs(g, q, k, lse2, tau, offset) -> torch.Tensor:
@@ -179,8 +180,7 @@ def _info_nce_dk(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, lse2: torch.
     g, (q, k), lse2 = g.float().contiguous(), _common(q, k), lse2.contiguous()
     dk = _weighted_sum(k, q, lse2, g, False, LOG2E / tau)
     dk[offset:offset + q.shape[0]] -= g[:, None] * q.float()
-    dk_out.copy_(dk / tau)
-    return dk_out
+    return torch.div(dk, tau, out=dk_out)  # written into k's dtype, no temporary
 
 
 def _info_nce_dk_outputs(g, q, k, lse2, tau, offset) -> torch.Tensor:
