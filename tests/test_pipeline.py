@@ -1,7 +1,5 @@
 """The three stages end to end on a tiny data set, reproducibility, resume, and bad input."""
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,7 +8,7 @@ import certify
 import finetune
 import model
 import pretrain
-from conftest import FAST, ROOT, refusal
+from conftest import FAST, refusal
 from model import load_checkpoint, model_from_checkpoint
 
 TINY = ["--preset", "tiny", "--batch", "20", "--warmup", "2", "--log-every", "1", *FAST]
@@ -89,10 +87,6 @@ def test_resumed_pretraining_matches_an_uninterrupted_run(cifar_dir, tmp_path, m
     assert same_weights(full["model"], resumed["model"]) and same_weights(full["target"], resumed["target"])
 
 
-def script(*argv, cwd=ROOT):
-    return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, timeout=300)
-
-
 @pytest.mark.parametrize("argv,message", [
     (["certify.py", "--sigma", "0"], "--sigma must be > 0"),
     (["certify.py", "--sigma", "-1"], "--sigma must be > 0"),
@@ -120,15 +114,15 @@ def test_bad_input_is_one_line_and_nonzero(argv, message, cifar_dir, finetuned, 
 
 def test_certify_refuses_a_pretrain_checkpoint(cifar_dir, tmp_path):
     run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
-    result = script("certify.py", "--checkpoint", str(tmp_path / "pre" / "ckpt.pt"), "--kernels", "torch")
-    assert result.returncode != 0 and "pretrain checkpoint, but a finetune checkpoint is needed" in result.stderr
+    said = refusal("certify.py", ["--checkpoint", str(tmp_path / "pre" / "ckpt.pt"), "--kernels", "torch"])
+    assert "pretrain checkpoint, but a finetune checkpoint is needed" in said, said
 
 
 def test_pretrain_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
     run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
     before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
-    result = script("pretrain.py", "--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY)
-    assert result.returncode != 0 and "pass --resume" in result.stderr
+    said = refusal("pretrain.py", ["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY])
+    assert "pass --resume" in said, said
     assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
 
 
