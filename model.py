@@ -258,7 +258,9 @@ class ViT(nn.Module):
     def features(self, x_t: torch.Tensor, t, norm: bool = True) -> torch.Tensor:
         """h(x_t, t): the class token [B, width] of a model-space input x_t at time t, through the final
         LayerNorm unless norm=False."""
-        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        # A number becomes a filled tensor: a host-to-device copy of it would make the host wait for the GPU.
+        t = (t.to(x_t.device, torch.float32).expand(x_t.shape[0]) if torch.is_tensor(t)
+             else torch.full((x_t.shape[0],), t, dtype=torch.float32, device=x_t.device))
         x = self.patch_embed(c_in(t)[:, None, None, None] * x_t).flatten(2).transpose(1, 2)
         time_token = timestep_embedding(time_input(t), self.cfg.width)[:, None]
         # The residual stream stays fp32 under autocast, time token included (bf16 would round the embedding of
