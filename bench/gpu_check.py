@@ -66,13 +66,39 @@ TINY_PLAN = dict(tests=["tests/test_kernels.py", "-k", "cross_entropy_matches"],
                                    "--precision", "fp32"]))
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and every process below it (Linux /proc), listed before any is killed: torchrun starts each rank in
+    a session of its own, so neither a process group nor a signal to torchrun is sure to reach them all."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])  # the field after the (command name)
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [pid]
+    while todo:
+        tree.append(todo.pop())
+        todo += children.get(tree[-1], [])
+    return tree
+
+
+def kill_tree(pid: int) -> None:
+    for p in process_tree(pid):
+        with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
+            os.kill(p, signal.SIGKILL)
+
+
 def run(cmd: list[str], timeout: float, log: str, env: dict | None = None, interpret: bool = False) -> tuple[bool, str, float]:
     """(exit status 0, stdout + stderr, seconds) of a command run from the repository root, its output also
     written to `log` line by line as it comes (a section cut off by a time-out keeps what it printed). The
     scripts decide about the interpreter themselves (the tests' conftest, bench/kernels.py without a GPU),
     so an inherited TRITON_INTERPRET is dropped: certify.py and pretrain.py must run the real thing, unless
-    `interpret` (--cpu-tiny's --kernels triton). At the deadline the command's whole process group is killed
-    by a timer, whether or not it is printing: a silent hang, or torchrun's ranks, cannot outlive the budget."""
+    `interpret` (--cpu-tiny's --kernels triton). At the deadline a timer kills the command and every process
+    below it, whether or not it is printing: a silent hang, or torchrun's ranks, cannot outlive the budget
+    (nor keep a GPU busy during the next section); so does Ctrl-C here."""
     env = {k: v for k, v in (env or os.environ).items() if k != "TRITON_INTERPRET"} | {"PYTHONUNBUFFERED": "1"}
     if interpret:
         env["TRITON_INTERPRET"] = "1"
@@ -81,13 +107,12 @@ def run(cmd: list[str], timeout: float, log: str, env: dict | None = None, inter
     start, lines, expired = time.perf_counter(), [], threading.Event()
     with open(log, "a") as f:
         f.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # its own process group, so the kill reaches its children
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
         def kill() -> None:
-            expired.set()
-            with contextlib.suppress(ProcessLookupError):  # it may have ended meanwhile
-                os.killpg(proc.pid, signal.SIGKILL)
+            if proc.poll() is None:  # a command that has just ended on its own did not time out
+                expired.set()
+                kill_tree(proc.pid)
 
         timer = threading.Timer(timeout, kill)
         timer.start()
@@ -97,6 +122,9 @@ def run(cmd: list[str], timeout: float, log: str, env: dict | None = None, inter
                 f.write(line)
                 f.flush()
             proc.wait()
+        except BaseException:  # Ctrl-C: leave nothing running
+            kill_tree(proc.pid)
+            raise
         finally:
             timer.cancel()
         if expired.is_set():

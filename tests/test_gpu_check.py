@@ -54,9 +54,11 @@ def test_a_failing_section_is_reported_and_the_others_are_kept(tmp_path):
 
 
 def test_a_command_past_its_time_is_killed_with_its_children_even_when_silent(tmp_path):
-    """A section's budget holds against a hang that prints nothing and against children that keep the output
-    pipe open (torchrun's ranks): both sleep 20 s, the budget is 1 s."""
-    child = "import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(20)']); time.sleep(20)"
+    """A section's budget holds against a hang that prints nothing and against children in sessions of their
+    own that keep the output pipe open (as torchrun starts its ranks): all sleep 20 s, the budget is 1 s."""
+    sleeper = "[sys.executable, '-c', 'import time; time.sleep(20)']"
+    child = (f"import subprocess, sys, time; subprocess.Popen({sleeper}); subprocess.Popen({sleeper}, start_new_session=True); "
+             "time.sleep(20)")
     start = time.perf_counter()
     ok, out, _ = gpu_check.run([sys.executable, "-c", child], 1.0, str(tmp_path / "log"))
     assert not ok and out.endswith("timed out after 1 s\n") and time.perf_counter() - start < 10
