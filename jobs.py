@@ -118,8 +118,9 @@ class Progress:
 def forward_seconds_per_image(model, x: torch.Tensor, t: float, mixed) -> float:
     """Seconds of one no-grad forward per image of x (timed after a warm-up call): the first guess of a step's
     time that lets a slow run (preset B on a CPU) say how long it will take before its first step ends. A
-    backward costs about two forwards. The scripts time one image: a CPU's time is linear in the batch, and
-    the guess stays cheap where the forward is slow (the Triton interpreter in the tests)."""
+    backward costs about two forwards. The scripts time one image, which keeps the guess cheap where the forward
+    is slow (the Triton interpreter in the tests) and errs long: on 2 cores one image takes 1.3-1.6x the time
+    per image of a batch of 16 (tiny and S presets, measured 2026-11-23), the cores being less busy."""
     # Eager, compiled blocks included: compiling a graph for this shape would cost more than the guess saves.
     with torch.no_grad(), mixed, torch.compiler.set_stance("force_eager"):
         model.features(x, t)

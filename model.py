@@ -291,13 +291,16 @@ class ViT(nn.Module):
     def compile_blocks(self) -> None:
         """torch.compile each transformer block in place ("regional compilation"). The blocks share one class and
         their weights are inputs of the graph, so Dynamo traces and Inductor compiles one block once (per grad mode
-        and batch shape) and every block of every model in the process reuses it: compile time no longer grows
+        and batch shape, see below) and every block of every model in the process reuses it: compile time no longer grows
         with depth (one block instead of 24 for B-Deep), and a DDP-wrapped model compiles the graphs one process
         compiles, since DDP's gradient hooks stay outside them. The blocks hold nearly all the FLOPs; the few ops
         around them (patch embedding, time token, final norm, head) stay eager, and a block boundary costs about one
         extra read of the residual stream, which a whole-model graph would fuse into the next LayerNorm.
-        dynamic=False: every batch shape gets its own static graph (training, evaluation and a last partial batch
-        are a handful), rather than a dynamic-shape graph that would then serve the training shape too."""
+        A new graph is compiled per batch shape, grad mode, autocast state and whether the weights require grad (the
+        target's do not): pre-training needs 3 (4 with --symmetric), fine-tuning 3 (training, evaluation, a last
+        partial evaluation chunk). Dynamo's limit is 8 for all of them together, past which it warns once and runs
+        the blocks eagerly. dynamic=False: a static graph per shape, rather than a dynamic-shape graph that would
+        then serve the training shape too."""
         for block in self.blocks:
             block.compile(dynamic=False)
 

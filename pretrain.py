@@ -280,7 +280,8 @@ def main(argv=None) -> None:
         objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         # The encoder's blocks are where the time goes; the projector, its BatchNorm's all-reduce and the fused
-        # InfoNCE stay eager. Three graphs: with gradient, and without for the online key and for the target.
+        # InfoNCE stay eager. Three graphs: with gradient (two with --symmetric), and without for the online key and
+        # for the target.
         model.compile_blocks()
         target.compile_blocks()
     mixed = autocast(device, args.precision)

@@ -121,8 +121,8 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     assert close(gpu, ref, LOSS_TOLERANCE), (ref, gpu)
     if processes == 1:  # one block graph per grad mode and shape, whatever the depth: pre-training's 3, fine-tuning's
         # training shape 1 more (its evaluation reuses a no-grad one). A graph per block would be 4x as many, and
-        # past Dynamo's recompile limit (8) the blocks would fall back to eager without a word.
-        assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+        # past Dynamo's recompile limit (8) the blocks would run eagerly after one warning; none: nothing compiled.
+        assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     start = runs["pre_ref"]["model"]
     runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "finetune")["model"] for name in ("ft_ref", "ft_gpu")}
     gap = update_difference(runs["ft_gpu"], runs["ft_ref"], start)
