@@ -108,6 +108,11 @@ class ViTConfig:
     # (released configs: moco_initialization).
     moco_init: bool = False
 
+    def flops_per_image(self) -> float:
+        """Forward matmul FLOPs of the encoder for one image (qkv, proj, MLP: 24 L W^2; attention 4 L^2 W)."""
+        L, W, P = 2 + (self.img_size // self.patch_size) ** 2, self.width, self.patch_size
+        return self.depth * (24 * L * W * W + 4 * L * L * W) + 2 * (L - 2) * 3 * P * P * W
+
 
 # Paper Table 3 (projector hidden / output dims in the last two values). `tiny` is ours, for CPU and tests.
 PRESETS = {
@@ -303,12 +308,6 @@ class ViT(nn.Module):
         then serve the training shape too."""
         for block in self.blocks:
             block.compile(dynamic=False)
-
-    def flops_per_image(self) -> float:
-        """Forward matmul FLOPs of the encoder for one image (qkv, proj, MLP: 24 L W^2; attention 4 L^2 W)."""
-        c = self.cfg
-        L, W, P = 2 + (c.img_size // c.patch_size) ** 2, c.width, c.patch_size
-        return c.depth * (24 * L * W * W + 4 * L * L * W) + 2 * (L - 2) * 3 * P * P * W
 
 
 def check_finite(total: torch.Tensor, terms: dict, step: int, say=None) -> None:

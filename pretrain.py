@@ -339,7 +339,7 @@ def main(argv=None) -> None:
                         f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
                         f"{progress.line(step)}")
                 if peak:
-                    line += f" | mfu {progress.rate * forwards_per_image(args.symmetric) * model.flops_per_image() / (world * peak):.1%}"
+                    line += f" | mfu {progress.rate * forwards_per_image(args.symmetric) * model.cfg.flops_per_image() / (world * peak):.1%}"
                 say(line)
             if step % args.save_every == 0 or step == args.steps:
                 checkpoint(step)

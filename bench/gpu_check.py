@@ -204,7 +204,7 @@ def mfu(forwards_per_s: float, preset: str) -> float | None:
     """Percent of the GPU's peak bf16 FLOP/s at this rate of encoder forwards; None on an unknown device."""
     import pretrain
     peak = pretrain.peak_bf16_flops()
-    return None if peak is None else 100 * forwards_per_s * ViT(vit_config(preset, "cifar10")).flops_per_image() / peak
+    return None if peak is None else 100 * forwards_per_s * vit_config(preset, "cifar10").flops_per_image() / peak
 
 
 def window_mfu(images_per_s: float, preset: str) -> float | None:
