@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from augment import consistency_augment, moco_view, moco_views, rand_augment, random_hflip, random_resized_crop, rrc_boxes
-from model import UsageError
+from jobs import UsageError
 
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"

@@ -12,43 +12,41 @@ linear task (which trains with augmentation, layer decay and an entropy term for
     python linear_probe.py --checkpoint out/pretrain/ckpt.pt --data-dir data
 """
 import argparse
-import sys
+import math
 import time
 
 import torch
 
+import jobs
 import kernels
 from data import Images, generator, seeded_noise
-from jobs import clock
-from model import (SIGMA_MIN, UsageError, ViT, load_checkpoint, model_from_checkpoint, noisy_input, select_kernels,
-                   to_model_space)
+from jobs import clock, load_checkpoint, model_from_checkpoint
+from model import SIGMA_MIN, ViT, noisy_input, to_model_space
+
+
+def sigma_list(text: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {text!r}") from None
+    if any(not (s >= 0 and math.isfinite(s)) for s in values):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return values
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="linear probing of a pre-trained rRCM encoder",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda msg: sys.exit(f"linear_probe.py: error: {msg}")
+    p = jobs.Parser("linear_probe.py", "linear probing of a pre-trained rRCM encoder")
     p.add_argument("--checkpoint", default="out/pretrain/ckpt.pt", help="a pretrain.py checkpoint")
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
-    p.add_argument("--sigmas", default="0,0.25,0.5,1.0", help="test noise levels in pixel space (comma-separated)")
-    p.add_argument("--train-images", type=int, default=50_000, help="clean training images the head is fitted on (the first N)")
-    p.add_argument("--test-images", type=int, default=10_000, help="test images (the first N)")
-    p.add_argument("--epochs", type=int, default=30, help="epochs of the head's AdamW")
-    p.add_argument("--batch", type=int, default=256, help="images per batch (encoding and head training)")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW lr of the head, weight decay 0")
+    p.add_argument("--sigmas", type=sigma_list, default="0,0.25,0.5,1.0", help="test noise levels in pixel space (comma-separated)")
+    p.add_argument("--train-images", type=jobs.at_least(1), default=50_000, help="clean training images the head is fitted on (the first N)")
+    p.add_argument("--test-images", type=jobs.at_least(1), default=10_000, help="test images (the first N)")
+    p.add_argument("--epochs", type=jobs.at_least(1), default=30, help="epochs of the head's AdamW")
+    p.add_argument("--batch", type=jobs.at_least(1), default=256, help="images per batch (encoding and head training)")
+    p.add_argument("--lr", type=jobs.positive, default=1e-3, help="AdamW lr of the head, weight decay 0")
     p.add_argument("--seed", type=int, default=0, help="head init, order and test noise")
     p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
-    args = p.parse_args(argv)
-    try:
-        args.sigmas = [float(s) for s in args.sigmas.split(",")]
-    except ValueError:
-        p.error(f"--sigmas must be comma-separated numbers, got {args.sigmas!r}")
-    if any(not s >= 0 for s in args.sigmas):
-        p.error("--sigmas must be >= 0")
-    for name in ("train_images", "test_images", "epochs", "batch"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    return args
+    return p.parse_args(argv)
 
 
 PROGRESS_EVERY = 10.0  # seconds between progress lines: encoding 50,000 images takes minutes on a CPU
@@ -95,8 +93,7 @@ def train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epoc
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    select_kernels(args.kernels)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, _, device = jobs.start_processes(args.kernels)
     ckpt = load_checkpoint(args.checkpoint, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()
     dataset = ckpt["config"]["dataset"]
@@ -120,7 +117,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        sys.exit(f"linear_probe.py: error: {e}")
+    jobs.run_script(main)

@@ -13,21 +13,14 @@ Conventions shared by every script (read these first):
 Token sequence: [class token, time token, patch tokens]. The normalised class token is the
 representation h(x_t, t); pre-training puts a projector MLP on it (Eq. 7-10), fine-tuning a linear head.
 """
-import contextlib
 import math
-import os
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
 import kernels
-
-
-class UsageError(ValueError):
-    """A mistake in the user's input (flags, files): the scripts print it as one line and exit non-zero."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -126,10 +119,8 @@ DATASETS = {"cifar10": dict(img_size=32, patch_size=4, num_classes=10, moco_init
 
 
 def vit_config(preset: str, dataset: str) -> ViTConfig:
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    if dataset not in DATASETS:
-        raise UsageError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if preset not in PRESETS or dataset not in DATASETS:
+        raise ValueError(f"unknown preset {preset!r} or dataset {dataset!r}: choose from {list(PRESETS)}, {list(DATASETS)}")
     cfg = ViTConfig(**PRESETS[preset], **DATASETS[dataset])
     if (preset, dataset) == ("B", "imagenet"):
         cfg.proj_hidden = 4096  # configs/imagenet_pretrain_rcmb.py widens the projector of ImageNet rRCM-B
@@ -295,133 +286,9 @@ class ViT(nn.Module):
 
     def compile_blocks(self) -> None:
         """torch.compile each transformer block in place ("regional compilation"). The blocks share one class and
-        their weights are inputs of the graph, so Dynamo traces and Inductor compiles one block once (per grad mode
-        and batch shape, see below) and every block of every model in the process reuses it: compile time no longer grows
-        with depth (one block instead of 24 for B-Deep), and a DDP-wrapped model compiles the graphs one process
-        compiles, since DDP's gradient hooks stay outside them. The blocks hold nearly all the FLOPs; the few ops
-        around them (patch embedding, time token, final norm, head) stay eager, and a block boundary costs about one
-        extra read of the residual stream, which a whole-model graph would fuse into the next LayerNorm.
-        A new graph is compiled per batch shape, grad mode, autocast state and whether the weights require grad (the
-        target's do not): pre-training needs 3 (4 with --symmetric), fine-tuning 3 (training, evaluation, a last
-        partial evaluation chunk). Dynamo's limit is 8 for all of them together, past which it warns once and runs
-        the blocks eagerly. dynamic=False: a static graph per shape, rather than a dynamic-shape graph that would
-        then serve the training shape too."""
+        their weights are graph inputs, so one compiled block serves every layer of every model in the process:
+        compile time does not grow with depth, and DDP's gradient hooks stay outside the graphs. One graph per
+        batch shape, grad mode, autocast state and whether the weights require grad (pre-training needs 3, 4 with
+        --symmetric; fine-tuning 3), within Dynamo's limit of 8 (bench/README.md, regional compilation)."""
         for block in self.blocks:
             block.compile(dynamic=False)
-
-
-def check_finite(total: torch.Tensor, terms: dict, step: int, say=None) -> None:
-    """Stop a training run on a non-finite loss, before the optimizer step, so neither the weights nor the
-    last checkpoint are touched. One host sync per step; the terms are only inspected when it fails. The
-    message also goes to the run's log through `say`."""
-    if not torch.isfinite(total):
-        name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", total))
-        message = f"{name} loss is {value.item()} at step {step}; the last good checkpoint is left as it was"
-        if say:
-            say(f"error: {message}")
-        raise SystemExit(f"{os.path.basename(sys.argv[0])}: error: {message}")
-
-
-def select_kernels(backend: str) -> None:
-    """kernels.use, with its refusal (e.g. Triton without a GPU) as a one-line usage error."""
-    try:
-        kernels.use(backend)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Precision: bf16 autocast where the hardware computes bf16 natively, fp32 elsewhere
-
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """CUDA GPUs, and CPUs with AMX-BF16 or AVX512-BF16 (on others bf16 is emulated and slower than fp32)."""
-    if device.type == "cuda":
-        return True
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """--precision auto -> "bf16" or "fp32" for this device; an explicit choice is kept."""
-    if precision not in PRECISIONS:
-        raise UsageError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context for a resolved precision: matmuls in bf16 with fp32 weights and reductions."""
-    if precision == "bf16":
-        return torch.autocast(device.type, torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Checkpoints: one dict {kind, model_args, model, target, optimizer, step, config}, enough to rebuild
-# the model without being told its shape.
-
-def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: str, kind: str) -> dict:
-    """Load a checkpoint written by pretrain.py (kind "pretrain") or finetune.py (kind "finetune")."""
-    if os.path.isdir(path):
-        raise UsageError(f"checkpoint {path} is a directory; give the ckpt.pt file inside it")
-    if not os.path.isfile(path):
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises several types for a truncated or foreign file
-        raise UsageError(f"checkpoint {path} is truncated or not a checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or "kind" not in checkpoint or "model_args" not in checkpoint:
-        raise UsageError(f"{path} is not an rRCM checkpoint")
-    if checkpoint["kind"] != kind:
-        raise UsageError(f"{path} is a {checkpoint['kind']} checkpoint, but a {kind} checkpoint is needed here")
-    return checkpoint
-
-
-def resume_checkpoint(out_dir: str, kind: str, resume: bool, config: dict, run_keys: tuple) -> dict | None:
-    """The checkpoint to continue from, or None for a fresh run. Refuses to overwrite an existing run
-    without --resume, and to resume one whose run-defining settings (`run_keys`) differ from `config`."""
-    path = os.path.join(out_dir, "ckpt.pt")
-    if not resume:
-        if os.path.exists(path):
-            raise UsageError(f"{path} exists; pass --resume to continue that run or choose another --out")
-        return None
-    if not os.path.exists(path):
-        raise UsageError(f"--resume given but {path} does not exist")
-    checkpoint = load_checkpoint(path, kind)
-    changed = [k for k in run_keys if checkpoint["config"].get(k) != config[k]]
-    if changed:
-        raise UsageError(f"{path} was made with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    return checkpoint
-
-
-def model_from_checkpoint(checkpoint: dict, weights: str = "model") -> ViT:
-    """Rebuild the network from the checkpoint's own model_args and load its weights."""
-    try:
-        model = ViT(ViTConfig(**checkpoint["model_args"]))
-    except TypeError as e:
-        raise UsageError(f"checkpoint model_args are not a ViT configuration ({e})") from None
-    try:
-        model.load_state_dict(checkpoint[weights])
-    except RuntimeError:
-        theirs = {k: tuple(v.shape) for k, v in checkpoint[weights].items()}
-        ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        bad = next((k for k in ours if theirs.get(k) != ours[k]), next(iter(theirs.keys() - ours.keys()), "?"))
-        raise UsageError(f"checkpoint weights do not match its model_args {checkpoint['model_args']} "
-                         f"(first mismatch: {bad})") from None
-    return model
-
-
-def model_args(model: ViT) -> dict:
-    return asdict(model.cfg)

@@ -29,143 +29,16 @@ Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume con
 import argparse
 import math
 import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import jobs
 import kernels
 from data import Images, batch_indices, generator, local_shards
-from jobs import (Progress, StopSignal, add_run_flags, check_out_dir, clock, close_processes, forward_seconds_per_image, gather_rows,
-                  init_distributed, run_log)
-from model import (SIGMA_MIN, UsageError, ViT, autocast, check_finite, edm_sigmas, global_batchnorm, model_args,
-                   resolve_precision, resume_checkpoint, save_checkpoint, select_kernels, to_model_space, vit_config)
-
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12}  # dense
-
-
-def peak_bf16_flops() -> float | None:
-    """The current CUDA GPU's dense bf16 peak FLOP/s (for MFU); None on a CPU or a GPU not listed: no guess."""
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else ""
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-def forwards_per_image(symmetric: bool) -> int:
-    """Forward-equivalents per image and step (a backward counts as 2): online passes with gradients x 3 plus
-    passes without. One direction: consistency query + view 1 online (6), consistency key + target view 2
-    (2) = 8; --symmetric adds view 2 online and target view 1: 9 + 3 = 12."""
-    return 12 if symmetric else 8
-
-
-# The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B) and
-# imagenet_pretrain_rcms.py (S, and tiny). No config for ImageNet B-Deep was released: the paper's Table 4
-# gives it lr 1e-4, the rest is rRCM-B's. ImageNet keeps the patch embedding at its random init
-# (stop_grad_conv1, MoCo v3's trick for stable ViT training).
-RECIPES = {
-    "cifar10": dict(steps=300_000, batch=2048, lr=1e-4, weight_decay=0.0, warmup=10_000, ema_sharpness=15.0,
-                    freeze_patch_embed=False),
-    "imagenet": dict(steps=600_000, batch=4096, lr=2e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
-                     freeze_patch_embed=True),
-    "imagenet-S": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.01, warmup=10_000, ema_sharpness=10.0,
-                       freeze_patch_embed=True),
-    "imagenet-B-Deep": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
-                            freeze_patch_embed=True),  # paper Table 4's lr; not a released config
-}
-TAU_RANGE = (0.01, 1.0)  # the paper and MoCo v3 (ViT) use 0.2
-
-
-IMAGENET_RECIPES = {"S": "imagenet-S", "tiny": "imagenet-S", "B-Deep": "imagenet-B-Deep"}  # else "imagenet" (B's)
-
-
-def recipe_name(dataset: str, preset: str) -> str:
-    return IMAGENET_RECIPES.get(preset, dataset) if dataset == "imagenet" else dataset
-
-
-def recipe_help(key: str) -> str:
-    return ", ".join(f"{d} {r[key]:g}" for d, r in RECIPES.items())
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="rRCM pre-training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.error = lambda msg: sys.exit(f"pretrain.py: error: {msg}")  # one line, exit code 1
-    g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "imagenet"), help="picks the recipe below")
-    g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
-    g.add_argument("--train-images", type=int, default=None, help="train on a fixed, seeded subset of N training images (quick trials)")
-    g.add_argument("--preset", default="B", help="tiny, S, B or B-Deep (paper Table 3)")
-    g = p.add_argument_group("optimisation (unset: the --dataset recipe's value)")
-    g.add_argument("--steps", type=int, default=None, help=recipe_help("steps"))
-    g.add_argument("--batch", type=int, default=None, help="global batch, split across ranks: " + recipe_help("batch"))
-    g.add_argument("--lr", type=float, default=None, help="AdamW peak lr: " + recipe_help("lr"))
-    g.add_argument("--weight-decay", type=float, default=None, help=recipe_help("weight_decay"))
-    g.add_argument("--warmup", type=int, default=None, help="linear warm-up steps, then cosine to 0 (0: a constant lr): " + recipe_help("warmup"))
-    g.add_argument("--grad-clip", type=float, default=2.0, help="max grad norm, applied after warm-up")
-    g = p.add_argument_group("rRCM")
-    g.add_argument("--tau", type=float, default=0.2, help=f"InfoNCE temperature of both losses, in [{TAU_RANGE[0]:g}, "
-                   f"{TAU_RANGE[1]:g}]")
-    g.add_argument("--ema-sharpness", type=float, default=None, help="A of the target EMA sigmoid: " + recipe_help("ema_sharpness"))
-    g.add_argument("--symmetric", action="store_true",
-                   help="add the second contrastive direction (view 2's query against view 1's key; 2 : 1 with "
-                        "consistency), as the released code since 2025-01-23; default: one direction, 1 : 1, as the "
-                        "paper's Algorithm 1 and the code the paper's tables came from")
-    g = p.add_argument_group("run")
-    g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
-    add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
-    args = p.parse_args(argv)
-    for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    for name in ("steps", "batch", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    if args.batch < 2:
-        p.error("--batch must be >= 2: the projector's BatchNorm normalises over the batch (one image has no variance)")
-    if args.train_images is not None and args.train_images < 1:
-        p.error("--train-images must be >= 1")
-    if args.shards is not None and args.shards < 1:
-        p.error("--shards must be >= 1")
-    for name in ("lr", "tau", "grad_clip", "ema_sharpness"):
-        if not getattr(args, name) > 0:  # also rejects nan
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    if not (args.weight_decay >= 0 and args.warmup >= 0):
-        p.error("--weight-decay and --warmup must be >= 0")
-    if not TAU_RANGE[0] <= args.tau <= TAU_RANGE[1]:
-        # unit vectors give logits within +-1/tau: below 0.01 they pass +-100 and the loss scales as 1/tau (bf16
-        # keys put +-0.4 errors on them); above 1 they stay within +-1 and InfoNCE sits near log(batch) whatever
-        # the features
-        p.error(f"--tau must be in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {args.tau}: the logits q.k / tau of unit "
-                f"vectors span +-{1 / args.tau:.3g} (the paper uses 0.2)")
-    args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
-    return args
-
-
-# ----------------------------------------------------------------------------------------------------
-# Schedules
-
-def num_scales(step: int, total_steps: int, start: int = 20, end: int = 80) -> int:
-    """N(k) = min(s0 * 2^ceil(k / K'), s1) + 1 with K' = ceil(K / log2(ceil(s1 / s0) + 1)): the iCT
-    doubling curriculum exactly as the authors implement it (with ceil, N = 21 only at step 0)."""
-    k_prime = math.ceil(total_steps / math.log2(math.ceil(end / start) + 1))
-    return min(start * 2 ** math.ceil(step / k_prime), end) + 1
-
-
-def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: float = 0.9999) -> float:
-    """Target EMA rate, App. C Eq. (13)-(15): a square-root ramp pushed through a sigmoid of sharpness A."""
-    ramp = math.sqrt(step / total_steps * (end**2 - start**2) + start**2) if step < total_steps else end
-    c = 2 / (1 + math.exp(-A * (ramp - start) / (end - start))) - 1
-    return c * end + (1 - c) * start
-
-
-def learning_rate(step: int, total_steps: int, lr: float, warmup: int) -> float:
-    """lr of optimizer step k = 0, 1, ...: linear warm-up k / W up to k = W, then 0.5 (1 + cos(pi (k - W) /
-    (K - W))) down to 0 at k = K (released rrcm/utils.py "warmup-cosine" under LambdaLR, which gives the
-    very first step lr 0). W = 0 is a constant lr, no cosine (099127a:rrcm/utils.py:311,323)."""
-    if warmup == 0:
-        return lr
-    if step <= warmup:
-        return lr * step / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+from jobs import Trainer, gather_rows, warmup_cosine
+from model import PRESETS, SIGMA_MIN, ViT, edm_sigmas, global_batchnorm, to_model_space, vit_config
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,9 +99,70 @@ def update_target(target: ViT, model: ViT, rate: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Schedules
 
-RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
-            "grad_clip", "tau", "ema_sharpness", "symmetric", "seed", "shards", "precision")
+def num_scales(step: int, total_steps: int, start: int = 20, end: int = 80) -> int:
+    """N(k) = min(s0 * 2^ceil(k / K'), s1) + 1 with K' = ceil(K / log2(ceil(s1 / s0) + 1)): the iCT
+    doubling curriculum exactly as the authors implement it (with ceil, N = 21 only at step 0)."""
+    k_prime = math.ceil(total_steps / math.log2(math.ceil(end / start) + 1))
+    return min(start * 2 ** math.ceil(step / k_prime), end) + 1
+
+
+def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: float = 0.9999) -> float:
+    """Target EMA rate, App. C Eq. (13)-(15): a square-root ramp pushed through a sigmoid of sharpness A."""
+    ramp = math.sqrt(step / total_steps * (end**2 - start**2) + start**2) if step < total_steps else end
+    c = 2 / (1 + math.exp(-A * (ramp - start) / (end - start))) - 1
+    return c * end + (1 - c) * start
+
+
+# ----------------------------------------------------------------------------------------------------
+# The training loop
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    run = Trainer(args, "pretrain", RUN_KEYS)
+    data = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images)
+    if args.batch > len(data):
+        raise jobs.UsageError(f"--batch {args.batch} is larger than the training set ({len(data)} images)")
+    torch.manual_seed(args.seed)  # identical initial weights on every rank
+    model = ViT(vit_config(args.preset, args.dataset)).to(run.device)
+    model.head.requires_grad_(False)  # the classification head is fine-tuning's
+    if args.freeze_patch_embed:
+        model.patch_embed.requires_grad_(False)
+    target = ViT(model.cfg).to(run.device).requires_grad_(False)
+    target.load_state_dict(model.state_dict())
+    if run.world > 1:  # the projector's BatchNorm sees the global batch, as in the authors' (SyncBatchNorm) runs;
+        global_batchnorm(model), global_batchnorm(target)  # before the optimizer takes the parameters
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
+    step = run.resume(model=model, target=target, optimizer=opt)
+    objective = run.distribute(Objective(model, args.tau, args.symmetric))
+    if args.compile:  # the encoders' blocks, where the time goes; the projector and the losses stay eager
+        model.compile_blocks()
+        target.compile_blocks()
+    run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args.symmetric))
+
+    for step in run.steps(step, args.steps):
+        N = num_scales(step, args.steps)
+        sigmas = edm_sigmas(N).tolist()
+        n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
+        x0, v1, v2, eps = step_inputs(data, step, args, run.rank, run.world, run.device)
+        for group in opt.param_groups:
+            group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr)
+        with run.autocast:
+            with torch.no_grad():
+                keys = project(target, target_views(v1, v2, args.symmetric), eps)
+            loss_cons, loss_ctr = objective(x0, v1, v2, eps, sigmas[n], sigmas[n + 1], keys)
+            loss = loss_cons + loss_ctr
+        run.check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if step >= args.warmup else float("inf"))
+        opt.step()
+        rate = ema_rate(step, args.steps, args.ema_sharpness)
+        update_target(target, model, rate)
+        if run.log_due(step + 1):
+            run.log(step + 1, dict(consistency=loss_cons, contrastive=loss_ctr), f"lr {opt.param_groups[0]['lr']:.2e}",
+                    f"ema {rate:.5f}", f"N {N}", f"grad {grad_norm.item():.3f}")
 
 
 def step_inputs(data: Images, step: int, args, rank: int, world: int, device) -> tuple[torch.Tensor, ...]:
@@ -242,115 +176,95 @@ def step_inputs(data: Images, step: int, args, rank: int, world: int, device) ->
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    select_kernels(args.kernels)
-    rank, world, device = init_distributed()
-    master = rank == 0
-    args.precision = resolve_precision(args.precision, device)
-    cfg = vit_config(args.preset, args.dataset)
-    args.shards = args.shards or world
-    if args.shards % world or args.batch % args.shards:
-        raise UsageError(f"--shards {args.shards} must be a multiple of the {world} process(es) and divide --batch {args.batch}")
-    data = Images(args.dataset, args.data_dir, "train", device, limit=args.train_images)
-    if args.batch > len(data):
-        raise UsageError(f"--batch {args.batch} is larger than the training set ({len(data)} images)")
-    check_out_dir(args.out)
+def forwards_per_image(symmetric: bool) -> int:
+    """Forward-equivalents per image and step (a backward counts as 2): online passes with gradients x 3 plus
+    passes without. One direction: consistency query + view 1 online (6), consistency key + target view 2
+    (2) = 8; --symmetric adds view 2 online and target view 1: 9 + 3 = 12."""
+    return 12 if symmetric else 8
 
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = ViT(cfg).to(device)
-    model.head.requires_grad_(False)  # the classification head is fine-tuning's
-    if args.freeze_patch_embed:
-        model.patch_embed.requires_grad_(False)
-    target = ViT(model.cfg).to(device).requires_grad_(False)
-    target.load_state_dict(model.state_dict())
-    if world > 1:  # the projector's BatchNorm sees the global batch, as in the authors' (SyncBatchNorm) runs;
-        global_batchnorm(model), global_batchnorm(target)  # before the optimizer takes the parameters
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = 0
-    ckpt = resume_checkpoint(args.out, "pretrain", args.resume, vars(args), RUN_KEYS)
-    if ckpt:
-        model.load_state_dict(ckpt["model"])
-        target.load_state_dict(ckpt["target"])
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
 
-    objective = Objective(model, args.tau, args.symmetric)
-    if world > 1:
-        objective = nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        # The encoder's blocks are where the time goes; the projector, its BatchNorm's all-reduce and the fused
-        # InfoNCE stay eager. Three graphs: with gradient (two with --symmetric), and without for the online key and
-        # for the target.
-        model.compile_blocks()
-        target.compile_blocks()
-    mixed = autocast(device, args.precision)
-    peak = peak_bf16_flops() if device.type == "cuda" else None
-    say = run_log(args.out, master)
-    say(f"pretrain.py | {model.num_params() / 1e6:.2f}M parameters | {world} process(es) on {device.type} | "
-        f"precision {args.precision} | kernels {kernels.backend()} | config: {vars(args)}")
-    if step:
-        say(f"resuming {args.out}/ckpt.pt at step {step}")
-    if device.type == "cpu":
-        x, _ = data.batch(torch.arange(1))
-        per_step = forward_seconds_per_image(model, to_model_space(x), SIGMA_MIN, mixed) * args.batch / world * forwards_per_image(args.symmetric)
-        say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (args.steps - step))} "
-            f"for the {args.steps - step} steps to go")
-    path = os.path.join(args.out, "ckpt.pt")
+# ----------------------------------------------------------------------------------------------------
+# The recipes and the flags
 
-    def checkpoint(next_step: int) -> None:
-        if master:
-            save_checkpoint(path, dict(
-                kind="pretrain", model_args=model_args(model), model=model.state_dict(), target=target.state_dict(),
-                optimizer=opt.state_dict(), step=next_step, config=vars(args)))
+# The released configs: configs/cifar10_pretrain_rcmb.py (every preset), imagenet_pretrain_rcmb.py (B) and
+# imagenet_pretrain_rcms.py (S, and tiny). No config for ImageNet B-Deep was released: the paper's Table 4
+# gives it lr 1e-4, the rest is rRCM-B's. ImageNet keeps the patch embedding at its random init
+# (stop_grad_conv1, MoCo v3's trick for stable ViT training).
+RECIPES = {
+    "cifar10": dict(steps=300_000, batch=2048, lr=1e-4, weight_decay=0.0, warmup=10_000, ema_sharpness=15.0,
+                    freeze_patch_embed=False),
+    "imagenet": dict(steps=600_000, batch=4096, lr=2e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
+                     freeze_patch_embed=True),
+    "imagenet-S": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.01, warmup=10_000, ema_sharpness=10.0,
+                       freeze_patch_embed=True),
+    "imagenet-B-Deep": dict(steps=600_000, batch=4096, lr=1e-4, weight_decay=0.03, warmup=15_000, ema_sharpness=10.0,
+                            freeze_patch_embed=True),  # paper Table 4's lr; not a released config
+}
+TAU_RANGE = (0.01, 1.0)  # the paper and MoCo v3 (ViT) use 0.2
 
-    with StopSignal() as stop:  # SIGINT/SIGTERM: finish the step, save, exit
-        progress = Progress(step, args.steps, args.batch)
-        while step < args.steps:
-            N = num_scales(step, args.steps)
-            sigmas = edm_sigmas(N).tolist()
-            n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
-            x0, v1, v2, eps = step_inputs(data, step, args, rank, world, device)
-            for group in opt.param_groups:
-                group["lr"] = learning_rate(step, args.steps, args.lr, args.warmup)
-            with mixed:
-                with torch.no_grad():
-                    keys = project(target, target_views(v1, v2, args.symmetric), eps)
-                t_n, t_next = sigmas[n], sigmas[n + 1]
-                loss_cons, loss_ctr = objective(x0, v1, v2, eps, t_n, t_next, keys)
-                loss = loss_cons + loss_ctr
-            check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step, say)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            max_norm = args.grad_clip if step >= args.warmup else float("inf")
-            grad_norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            opt.step()
-            rate = ema_rate(step, args.steps, args.ema_sharpness)
-            update_target(target, model, rate)
-            step += 1
 
-            if step % args.log_every == 0 or step == args.steps or step == progress.first + 1:
-                losses = torch.stack([loss_cons.detach(), loss_ctr.detach()]).float()
-                if world > 1:  # the global batch's losses, not rank 0's share (a collective: every rank takes part)
-                    torch.distributed.all_reduce(losses)
-                    losses /= world
-            if master and (step % args.log_every == 0 or step == args.steps or step == progress.first + 1):
-                line = (f"step {step}/{args.steps} | consistency {losses[0]:.4f} | contrastive {losses[1]:.4f} | "
-                        f"lr {opt.param_groups[0]['lr']:.2e} | ema {rate:.5f} | N {N} | grad {grad_norm.item():.3f} | "
-                        f"{progress.line(step)}")
-                if peak:
-                    line += f" | mfu {progress.rate * forwards_per_image(args.symmetric) * model.cfg.flops_per_image() / (world * peak):.1%}"
-                say(line)
-            if step % args.save_every == 0 or step == args.steps:
-                checkpoint(step)
-            elif stop.requested(device):
-                checkpoint(step)
-                stop.exit("pretrain.py", step, path)
-    close_processes()
+IMAGENET_RECIPES = {"S": "imagenet-S", "tiny": "imagenet-S", "B-Deep": "imagenet-B-Deep"}  # else "imagenet" (B's)
+
+
+def recipe_name(dataset: str, preset: str) -> str:
+    return IMAGENET_RECIPES.get(preset, dataset) if dataset == "imagenet" else dataset
+
+
+def recipe_help(key: str) -> str:
+    return ", ".join(f"{d} {r[key]:g}" for d, r in RECIPES.items())
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = jobs.Parser("pretrain.py", "rRCM pre-training")
+    g = p.add_argument_group("data and model")
+    g.add_argument("--dataset", default="cifar10", choices=("cifar10", "imagenet"), help="picks the recipe below")
+    g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
+    g.add_argument("--train-images", type=jobs.at_least(1), default=None, help="train on a fixed, seeded subset of N "
+                   "training images (quick trials)")
+    g.add_argument("--preset", default="B", choices=PRESETS, help="paper Table 3 (tiny: ours, for CPUs and tests)")
+    g = p.add_argument_group("optimisation (unset: the --dataset recipe's value)")
+    g.add_argument("--steps", type=jobs.at_least(1), default=None, help=recipe_help("steps"))
+    g.add_argument("--batch", type=jobs.at_least(1), default=None, help="global batch, split across ranks: " + recipe_help("batch"))
+    g.add_argument("--lr", type=jobs.positive, default=None, help="AdamW peak lr: " + recipe_help("lr"))
+    g.add_argument("--weight-decay", type=jobs.non_negative, default=None, help=recipe_help("weight_decay"))
+    g.add_argument("--warmup", type=jobs.at_least(0), default=None, help="linear warm-up steps, then cosine to 0 (0: a "
+                   "constant lr): " + recipe_help("warmup"))
+    g.add_argument("--grad-clip", type=jobs.positive, default=2.0, help="max grad norm, applied after warm-up")
+    g = p.add_argument_group("rRCM")
+    g.add_argument("--tau", type=tau, default=0.2, help=f"InfoNCE temperature of both losses, in [{TAU_RANGE[0]:g}, "
+                   f"{TAU_RANGE[1]:g}]")
+    g.add_argument("--ema-sharpness", type=jobs.positive, default=None, help="A of the target EMA sigmoid: " + recipe_help("ema_sharpness"))
+    g.add_argument("--symmetric", action="store_true",
+                   help="add the second contrastive direction (view 2's query against view 1's key; 2 : 1 with "
+                        "consistency), as the released code since 2025-01-23; default: one direction, 1 : 1, as the "
+                        "paper's Algorithm 1 and the code the paper's tables came from")
+    g = p.add_argument_group("run")
+    g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
+    jobs.add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
+    args = p.parse_args(argv)
+    for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.batch < 2:
+        p.error("--batch must be >= 2: the projector's BatchNorm normalises over the batch (one image has no variance)")
+    args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
+    return args
+
+
+def tau(text: str) -> float:
+    """--tau in TAU_RANGE: unit vectors give logits within +-1/tau; below 0.01 they pass +-100 and the loss scales
+    as 1/tau, above 1 InfoNCE sits near log(batch) whatever the features."""
+    value = float(text)
+    if not TAU_RANGE[0] <= value <= TAU_RANGE[1]:
+        raise argparse.ArgumentTypeError(f"must be in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {value}: the logits "
+                                         f"q.k / tau of unit vectors span +-{1 / value:.3g} (the paper uses 0.2)")
+    return value
+tau.__name__ = "float"
+
+
+RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
+            "grad_clip", "tau", "ema_sharpness", "symmetric", "seed", "shards", "precision")
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UsageError as e:
-        sys.exit(f"pretrain.py: error: {e}")
+    jobs.run_script(main)

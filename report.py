@@ -12,15 +12,13 @@ A run whose predictions fall on a few classes gets a note under the table: its c
 little more than the share of the test set those classes hold (a frozen near-zero head does this).
 """
 import argparse
-import json
-import math
 import os
 import sys
 
 import numpy as np
 
-HEADER = "idx\tlabel\tpredict\tradius\tcorrect\ttime"  # Cohen et al.'s format, read by every paper in the field
-ADAPTIVE_HEADER = HEADER + "\tsamples"  # certify.py --adaptive adds the estimation samples it drew
+from results import ResultsError, read_tsv
+
 RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 # The table's last radius column: sigma = 1.0, the paper's largest, certifies at most 3.81 with its
 # n = 100,000, so 4.0 holds every radius of the paper's settings in 17 columns (a TSV does not say its sigma;
@@ -31,92 +29,6 @@ MAX_COLUMN_RADIUS = 4.0
 # few classes (on a balanced test set, their share of it), whatever its robustness. A healthy CIFAR-10
 # classifier needs about 9 classes, like the labels; the frozen-head tutorial run needed 2.
 COVER, COLLAPSE_RATIO, COLLAPSE_MIN_IMAGES = 0.9, 0.5, 20
-
-
-class ReportError(ValueError):
-    pass
-
-
-def _field(value: str, name: str) -> float:
-    """One field, checked against what certify.py writes (a wrong value would silently change the table)."""
-    real = name in ("radius", "time")
-    try:
-        number = float(value) if real else int(value)
-    except ValueError:
-        raise ValueError(f"{name} {value!r} is not {'a number' if real else 'an integer'}") from None
-    if not math.isfinite(number):
-        raise ValueError(f"{name} is {value}")
-    low = {"predict": -1, "samples": 1}.get(name, 0)
-    if number < low or (name == "correct" and number > 1):
-        raise ValueError(f"{name} {value} is out of range")
-    return number
-
-
-def check_rows(path: str, data: bytes, header: str | None = None) -> list[list[str]]:
-    """The data rows of a certification TSV's bytes, after checking every line: the header (`header`, or
-    either kind if None), the column count, numbers, ranges, correct == (predict == label), no repeated
-    idx, and a newline at the end (a torn last line means a run stopped mid-write). Errors name the line."""
-    if b"\0" in data:
-        raise ReportError(f"{path} is a binary file, not a certification TSV")
-    try:
-        lines = data.decode().split("\n")
-    except UnicodeDecodeError:
-        raise ReportError(f"{path} is not a text file, not a certification TSV") from None
-    if lines[0] not in ((HEADER, ADAPTIVE_HEADER) if header is None else (header,)):
-        expected = (header or HEADER).expandtabs(1)
-        raise ReportError(f"{path} is not a certification TSV (header must be: {expected})")
-    if lines[-1] != "":
-        raise ReportError(f"{path}, line {len(lines)}: incomplete last line (a run stopped while writing it); "
-                          f"re-run the same certify.py command to repair the file")
-    names = lines[0].split("\t")
-    rows, seen = [], {}
-    for number, line in enumerate(lines[1:-1], start=2):
-        fields = line.split("\t")
-        if len(fields) != len(names):
-            raise ReportError(f"{path}, line {number}: {len(fields)} columns, expected {len(names)}")
-        try:
-            values = dict(zip(names, (_field(v, name) for v, name in zip(fields, names))))
-        except ValueError as e:
-            raise ReportError(f"{path}, line {number}: {e}") from None
-        if values["correct"] != (values["predict"] == values["label"]):
-            raise ReportError(f"{path}, line {number}: correct is {fields[4]} but predict is {fields[2]} and label {fields[1]}")
-        if values["idx"] in seen:
-            raise ReportError(f"{path}, line {number}: image {fields[0]} again (first on line {seen[values['idx']]})")
-        seen[values["idx"]] = number
-        rows.append(fields)
-    return rows
-
-
-def check_radii(path: str, radius: np.ndarray) -> None:
-    """With certify.py's sidecar <tsv>.json (sigma, n, alpha), refuse radii that no run of that configuration
-    can certify: a file edited by hand, or from another configuration."""
-    try:
-        with open(path + ".json") as f:
-            meta = json.load(f)
-        from smoothing import largest_radius  # here only: the tables need numpy alone, smoothing needs torch
-        bound = largest_radius(int(meta["n"]), float(meta["alpha"]), float(meta["sigma"]))  # 0: abstentions only
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # no (usable) sidecar: a TSV from other code; the table's columns stay bounded anyway
-    if len(radius) and radius.max() > bound + 1e-4:
-        line = int(radius.argmax()) + 2
-        raise ReportError(f"{path}, line {line}: radius {radius.max():g} is more than n = {meta['n']} samples can certify "
-                          f"at sigma {meta['sigma']:g} and alpha {meta['alpha']:g} (at most {bound:.4f})")
-
-
-def read_tsv(path: str) -> dict[str, np.ndarray]:
-    """label, predict, radius, correct, time (and samples for adaptive runs) of a checked certification TSV."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError:
-        raise ReportError(f"cannot read {path}") from None
-    rows = check_rows(path, data)
-    cols = np.array(rows, dtype=float).reshape(len(rows), -1).T if rows else np.zeros((7, 0))
-    run = dict(label=cols[1], predict=cols[2], radius=cols[3], correct=cols[4], time=cols[5])
-    if data.startswith(ADAPTIVE_HEADER.encode()):
-        run["samples"] = cols[6]
-    check_radii(path, run["radius"])
-    return run
 
 
 def certified_accuracy(radius: np.ndarray, correct: np.ndarray, r: float) -> float:
@@ -185,7 +97,7 @@ def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ReportError("--plot needs matplotlib (pip install matplotlib)") from None
+        raise ResultsError("--plot needs matplotlib (pip install matplotlib)") from None
     grid = np.linspace(0, radii_for(runs)[-1], 200)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     curves = []
@@ -211,7 +123,7 @@ def main(argv=None) -> None:
     runs = [read_tsv(t) for t in args.tsv]
     for path, run in zip(args.tsv, runs):
         if not len(run["radius"]):
-            raise ReportError(f"{path} has no results yet (only its header)")
+            raise ResultsError(f"{path} has no results yet (only its header)")
     print(table(names, runs, args.envelope))
     if args.plot:
         plot(names, runs, args.plot, args.envelope)
@@ -221,5 +133,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except ReportError as e:
+    except ResultsError as e:
         sys.exit(f"report.py: error: {e}")

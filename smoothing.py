@@ -35,6 +35,86 @@ PHI = NormalDist()  # the standard normal: PHI.cdf, PHI.inv_cdf (exact to double
 
 
 # ----------------------------------------------------------------------------------------------------
+# The smoothed classifier
+
+class Smooth:
+    """The smoothed classifier g of a base classifier: any torch.nn.Module or callable mapping a batch of noisy
+    inputs [b, *x.shape] -- in the same space as x -- to logits [b, num_classes].
+
+    batch:    noisy copies per forward pass (a multiple of CHUNK).
+    seed:     the noise seed; with an input's `key` it fixes that input's noise (see `gaussian_noise`).
+    compile:  torch.compile the noise loop (noise add, classifier, argmax); `warm_up` compiles it ahead.
+    autocast: a dtype (torch.bfloat16) to run the classifier under torch.autocast, or None for full precision.
+              A lower precision is another deterministic base classifier: its certificates are as sound.
+    """
+
+    def __init__(self, base_classifier: Callable[[torch.Tensor], torch.Tensor], num_classes: int, sigma: float, *,
+                 batch: int = 1000, seed: int = 0, compile: bool = False, autocast: torch.dtype | None = None):
+        if batch < CHUNK or batch % CHUNK:
+            raise ValueError(f"batch must be a multiple of {CHUNK}, got {batch}")
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be > 0 and finite, got {sigma}")
+        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
+        self.batch, self.seed, self.autocast = batch, seed, autocast
+        self.decisions = torch.compile(self._decisions) if compile else self._decisions
+
+    def _decisions(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """f(x + sigma eps) for a batch of noise."""
+        return self.base_classifier(x[None] + self.sigma * eps).argmax(1)
+
+    def _precision(self, device: torch.device):
+        return torch.autocast(device.type, self.autocast) if self.autocast is not None else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def counts(self, x: torch.Tensor, num: int, *, key: int = 0, phase: int = ESTIMATE, first: int = 0,
+               tick: Callable[[int], None] | None = None) -> np.ndarray:
+        """Class counts of f(x + sigma eps) over samples first .. num - 1 of (key, phase); `tick(b)` after each
+        batch of b samples (progress). Counted on x's device: one host sync per call."""
+        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
+        with self._precision(x.device):
+            for start in range(first, num, self.batch):
+                eps = gaussian_noise(tuple(x.shape), start, min(self.batch, num - start), self.seed, key, phase, x.device)
+                counts += torch.bincount(self.decisions(x, eps), minlength=self.num_classes)
+                if tick:
+                    tick(len(eps))
+        return counts.cpu().numpy()
+
+    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, key: int = 0, tick=None) -> tuple[int, float]:
+        """CERTIFY (Cohen et al.): (cA, radius) or (ABSTAIN, 0.0). With probability at least 1 - alpha over the
+        noise, if it does not abstain, g returns cA at every x' with ||x' - x||_2 < radius."""
+        counts0 = self.counts(x, n0, key=key, phase=SELECT, tick=tick)
+        return certify_from_counts(counts0, self.counts(x, n, key=key, phase=ESTIMATE, tick=tick), n, alpha, self.sigma)
+
+    def certify_adaptive(self, x: torch.Tensor, n0: int, plan: "AdaptivePlan", *, key: int = 0, tick=None) -> tuple[int, float, int]:
+        """Adaptive CERTIFY (`certify_adaptive`): (cA or ABSTAIN, radius, estimation samples drawn), with CERTIFY's
+        guarantee at plan.alpha. The samples drawn are the first ones of CERTIFY's with plan.n: an image that
+        goes to n sees exactly CERTIFY's counts."""
+        if plan.sigma != self.sigma:
+            raise ValueError(f"the plan is for sigma {plan.sigma}, this classifier smooths at sigma {self.sigma}")
+        drawn = [0, np.zeros(self.num_classes, dtype=np.int64)]  # samples drawn so far and their counts
+
+        def estimate(m: int) -> np.ndarray:
+            drawn[1] = drawn[1] + self.counts(x, m, key=key, phase=ESTIMATE, first=drawn[0], tick=tick)
+            drawn[0] = m
+            return drawn[1]
+        return certify_adaptive(self.counts(x, n0, key=key, phase=SELECT, tick=tick), estimate, plan)
+
+    def predict(self, x: torch.Tensor, n: int, alpha: float, *, key: int = 0, tick=None) -> int:
+        """PREDICT (Cohen et al.): g(x) or ABSTAIN; with probability at least 1 - alpha it is not a class other
+        than g(x)."""
+        return predict_from_counts(self.counts(x, n, key=key, phase=ESTIMATE, tick=tick), alpha)
+
+    def warm_up(self, x: torch.Tensor, n0: int, looks: list[int]) -> None:
+        """Run the classifier once at every batch size that n0 selection samples and estimation up to each of
+        `looks` will use, so that torch.compile compiles now and not inside the first input's time."""
+        spans = [(0, n0)] + list(zip([0, *looks[:-1]], looks))
+        sizes = {min(self.batch, end - start) for first, end in spans for start in range(first, end, self.batch)}
+        with torch.no_grad(), self._precision(x.device):
+            for size in sorted(sizes):
+                self.decisions(x, torch.zeros(size, *x.shape, device=x.device))
+
+
+# ----------------------------------------------------------------------------------------------------
 # Statistics: functions of the class counts alone
 
 def lower_confidence_bound(k: int, n: int, alpha: float) -> float:
@@ -80,6 +160,47 @@ def sign_test_pvalue(n_a: int, n_b: int) -> float:
 def largest_radius(n: int, alpha: float, sigma: float) -> float:
     """The largest radius n samples can certify at level alpha: all n correct, pA_lower = alpha^(1/n)."""
     return radius_from_bound(lower_confidence_bound(n, n, alpha), sigma) or 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Noise: one seeded stream per (seed, key, phase, chunk of CHUNK samples)
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(v: int) -> int:
+    """MurmurHash3's finaliser: a bijection of 32-bit integers that scatters neighbouring values."""
+    v ^= v >> 16
+    v = (v * 0x85EBCA6B) & _M32
+    v ^= v >> 13
+    v = (v * 0xC2B2AE35) & _M32
+    return v ^ (v >> 16)
+
+
+def stream_seed(seed: int, key: int, phase: int, chunk: int) -> int:
+    """The 63-bit generator seed of samples chunk*CHUNK .. chunk*CHUNK + CHUNK - 1 of input `key` in `phase`.
+
+    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that differ only above bit 31
+    give the same noise; CUDA's Philox keeps all 64. So the low 32 bits are mix32(base + 2 chunk + phase), with
+    base a hash of (seed, key): distinct for every (phase, chunk) of one input, because 2 chunk + phase < 2^32
+    and mix32 is a bijection -- no sample of an input is ever counted twice, in either phase. The high 31 bits
+    are more of the same hash, which separates the inputs' streams on CUDA too. (Hashed 63-bit seeds per chunk,
+    as before, collided within an image with probability 1.2e-4 at n = 100,000.)"""
+    if not 0 <= chunk < 2 ** 31 or phase not in (SELECT, ESTIMATE):
+        raise ValueError(f"chunk {chunk} must be in [0, 2^31) and phase {phase} SELECT or ESTIMATE")
+    base = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
+    return (base >> 33) << 32 | _mix32((base + 2 * chunk + phase) & _M32)
+
+
+def gaussian_noise(shape: tuple, first: int, count: int, seed: int, key: int, phase: int, device: torch.device) -> torch.Tensor:
+    """eps ~ N(0, I) for samples first .. first + count - 1 of (seed, key, phase): [count, *shape]. A sample's
+    noise depends on its number alone, not on the batch or process that draws it (on one device type; CPU and
+    CUDA generators differ)."""
+    chunks = range(first // CHUNK, (first + count - 1) // CHUNK + 1)
+    eps = torch.cat([torch.randn((CHUNK, *shape), device=device,
+                                 generator=torch.Generator(device).manual_seed(stream_seed(seed, key, phase, c))) for c in chunks])
+    offset = first - chunks[0] * CHUNK
+    return eps[offset:offset + count]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,124 +345,3 @@ def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray],
             break
     radius = plan.radius(k, n_a)
     return (ABSTAIN, 0.0, n_k) if radius is None else (c_a, radius, n_k)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Noise: one seeded stream per (seed, key, phase, chunk of CHUNK samples)
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(v: int) -> int:
-    """MurmurHash3's finaliser: a bijection of 32-bit integers that scatters neighbouring values."""
-    v ^= v >> 16
-    v = (v * 0x85EBCA6B) & _M32
-    v ^= v >> 13
-    v = (v * 0xC2B2AE35) & _M32
-    return v ^ (v >> 16)
-
-
-def stream_seed(seed: int, key: int, phase: int, chunk: int) -> int:
-    """The 63-bit generator seed of samples chunk*CHUNK .. chunk*CHUNK + CHUNK - 1 of input `key` in `phase`.
-
-    torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that differ only above bit 31
-    give the same noise; CUDA's Philox keeps all 64. So the low 32 bits are mix32(base + 2 chunk + phase), with
-    base a hash of (seed, key): distinct for every (phase, chunk) of one input, because 2 chunk + phase < 2^32
-    and mix32 is a bijection -- no sample of an input is ever counted twice, in either phase. The high 31 bits
-    are more of the same hash, which separates the inputs' streams on CUDA too. (Hashed 63-bit seeds per chunk,
-    as before, collided within an image with probability 1.2e-4 at n = 100,000.)"""
-    if not 0 <= chunk < 2 ** 31 or phase not in (SELECT, ESTIMATE):
-        raise ValueError(f"chunk {chunk} must be in [0, 2^31) and phase {phase} SELECT or ESTIMATE")
-    base = int.from_bytes(hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest(), "little")
-    return (base >> 33) << 32 | _mix32((base + 2 * chunk + phase) & _M32)
-
-
-def gaussian_noise(shape: tuple, first: int, count: int, seed: int, key: int, phase: int, device: torch.device) -> torch.Tensor:
-    """eps ~ N(0, I) for samples first .. first + count - 1 of (seed, key, phase): [count, *shape]. A sample's
-    noise depends on its number alone, not on the batch or process that draws it (on one device type; CPU and
-    CUDA generators differ)."""
-    chunks = range(first // CHUNK, (first + count - 1) // CHUNK + 1)
-    eps = torch.cat([torch.randn((CHUNK, *shape), device=device,
-                                 generator=torch.Generator(device).manual_seed(stream_seed(seed, key, phase, c))) for c in chunks])
-    offset = first - chunks[0] * CHUNK
-    return eps[offset:offset + count]
-
-
-# ----------------------------------------------------------------------------------------------------
-# The smoothed classifier
-
-class Smooth:
-    """The smoothed classifier g of a base classifier: any torch.nn.Module or callable mapping a batch of noisy
-    inputs [b, *x.shape] -- in the same space as x -- to logits [b, num_classes].
-
-    batch:    noisy copies per forward pass (a multiple of CHUNK).
-    seed:     the noise seed; with an input's `key` it fixes that input's noise (see `gaussian_noise`).
-    compile:  torch.compile the noise loop (noise add, classifier, argmax); `warm_up` compiles it ahead.
-    autocast: a dtype (torch.bfloat16) to run the classifier under torch.autocast, or None for full precision.
-              A lower precision is another deterministic base classifier: its certificates are as sound.
-    """
-
-    def __init__(self, base_classifier: Callable[[torch.Tensor], torch.Tensor], num_classes: int, sigma: float, *,
-                 batch: int = 1000, seed: int = 0, compile: bool = False, autocast: torch.dtype | None = None):
-        if batch < CHUNK or batch % CHUNK:
-            raise ValueError(f"batch must be a multiple of {CHUNK}, got {batch}")
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma must be > 0 and finite, got {sigma}")
-        self.base_classifier, self.num_classes, self.sigma = base_classifier, num_classes, sigma
-        self.batch, self.seed, self.autocast = batch, seed, autocast
-        self.decisions = torch.compile(self._decisions) if compile else self._decisions
-
-    def _decisions(self, x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """f(x + sigma eps) for a batch of noise."""
-        return self.base_classifier(x[None] + self.sigma * eps).argmax(1)
-
-    def _precision(self, device: torch.device):
-        return torch.autocast(device.type, self.autocast) if self.autocast is not None else contextlib.nullcontext()
-
-    @torch.no_grad()
-    def counts(self, x: torch.Tensor, num: int, *, key: int = 0, phase: int = ESTIMATE, first: int = 0,
-               tick: Callable[[int], None] | None = None) -> np.ndarray:
-        """Class counts of f(x + sigma eps) over samples first .. num - 1 of (key, phase); `tick(b)` after each
-        batch of b samples (progress). Counted on x's device: one host sync per call."""
-        counts = torch.zeros(self.num_classes, dtype=torch.long, device=x.device)
-        with self._precision(x.device):
-            for start in range(first, num, self.batch):
-                eps = gaussian_noise(tuple(x.shape), start, min(self.batch, num - start), self.seed, key, phase, x.device)
-                counts += torch.bincount(self.decisions(x, eps), minlength=self.num_classes)
-                if tick:
-                    tick(len(eps))
-        return counts.cpu().numpy()
-
-    def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, key: int = 0, tick=None) -> tuple[int, float]:
-        """CERTIFY (Cohen et al.): (cA, radius) or (ABSTAIN, 0.0). With probability at least 1 - alpha over the
-        noise, if it does not abstain, g returns cA at every x' with ||x' - x||_2 < radius."""
-        counts0 = self.counts(x, n0, key=key, phase=SELECT, tick=tick)
-        return certify_from_counts(counts0, self.counts(x, n, key=key, phase=ESTIMATE, tick=tick), n, alpha, self.sigma)
-
-    def certify_adaptive(self, x: torch.Tensor, n0: int, plan: AdaptivePlan, *, key: int = 0, tick=None) -> tuple[int, float, int]:
-        """Adaptive CERTIFY (`certify_adaptive`): (cA or ABSTAIN, radius, estimation samples drawn), with CERTIFY's
-        guarantee at plan.alpha. The samples drawn are the first ones of CERTIFY's with plan.n: an image that
-        goes to n sees exactly CERTIFY's counts."""
-        if plan.sigma != self.sigma:
-            raise ValueError(f"the plan is for sigma {plan.sigma}, this classifier smooths at sigma {self.sigma}")
-        drawn = [0, np.zeros(self.num_classes, dtype=np.int64)]  # samples drawn so far and their counts
-
-        def estimate(m: int) -> np.ndarray:
-            drawn[1] = drawn[1] + self.counts(x, m, key=key, phase=ESTIMATE, first=drawn[0], tick=tick)
-            drawn[0] = m
-            return drawn[1]
-        return certify_adaptive(self.counts(x, n0, key=key, phase=SELECT, tick=tick), estimate, plan)
-
-    def predict(self, x: torch.Tensor, n: int, alpha: float, *, key: int = 0, tick=None) -> int:
-        """PREDICT (Cohen et al.): g(x) or ABSTAIN; with probability at least 1 - alpha it is not a class other
-        than g(x)."""
-        return predict_from_counts(self.counts(x, n, key=key, phase=ESTIMATE, tick=tick), alpha)
-
-    def warm_up(self, x: torch.Tensor, n0: int, looks: list[int]) -> None:
-        """Run the classifier once at every batch size that n0 selection samples and estimation up to each of
-        `looks` will use, so that torch.compile compiles now and not inside the first input's time."""
-        spans = [(0, n0)] + list(zip([0, *looks[:-1]], looks))
-        sizes = {min(self.batch, end - start) for first, end in spans for start in range(first, end, self.batch)}
-        with torch.no_grad(), self._precision(x.device):
-            for size in sorted(sizes):
-                self.decisions(x, torch.zeros(size, *x.shape, device=x.device))

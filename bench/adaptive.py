@@ -28,9 +28,10 @@ from scipy.stats import norm
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
 import kernels  # noqa: E402
+import results  # noqa: E402
 import smoothing  # noqa: E402
 from data import Images  # noqa: E402
-from model import PRECISIONS, load_checkpoint, model_from_checkpoint, resolve_precision, select_kernels  # noqa: E402
+from jobs import PRECISIONS, load_checkpoint, model_from_checkpoint, resolve_precision, select_kernels  # noqa: E402
 from report import average_certified_radius, certified_accuracy  # noqa: E402
 
 PAPER_N, PAPER_ALPHA, PAPER_SIGMAS = 100_000, 0.001, (0.25, 0.5, 1.0)
@@ -212,11 +213,11 @@ def main() -> None:
         fixed = smoothing.certify_from_counts(counts0, total, args.n, args.alpha, sigma)
         adaptive = smoothing.certify_adaptive(counts0, prefix.get, plan)
         rows.append((idx, int(y[0]), fixed, adaptive, seconds, total[np.argmax(counts0)] / args.n))
-        print(f"image {idx}: label {int(y[0])}, fixed {fixed[0]} r {certify.floor_radius(fixed[1])}, adaptive {adaptive[0]} "
-              f"r {certify.floor_radius(adaptive[1])} after {adaptive[2]:,} samples, {seconds:.1f} s", flush=True)
+        print(f"image {idx}: label {int(y[0])}, fixed {fixed[0]} r {results.floor_radius(fixed[1])}, adaptive {adaptive[0]} "
+              f"r {results.floor_radius(adaptive[1])} after {adaptive[2]:,} samples, {seconds:.1f} s", flush=True)
 
     def run(k: int) -> dict:  # as the TSV would hold it: radius floored to 4 decimals
-        radius = np.array([float(certify.floor_radius(r[2 + k][1])) for r in rows])
+        radius = np.array([float(results.floor_radius(r[2 + k][1])) for r in rows])
         correct = np.array([float(r[2 + k][0] == r[1]) for r in rows])
         return dict(radius=radius, correct=correct)
     fixed, adaptive = run(0), run(1)

@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
 import smoothing  # noqa: E402
-from model import ViT, autocast, native_bf16, noisy_input, vit_config  # noqa: E402
+from jobs import autocast, native_bf16  # noqa: E402
+from model import ViT, noisy_input, vit_config  # noqa: E402
 
 GPU = torch.cuda.is_available()
 
@@ -94,7 +95,7 @@ def precision_agreement(args, device: torch.device) -> None:
     """How often bf16 autocast changes the base classifier's decision f(x + sigma eps) of a trained
     checkpoint, on the same noise: per sample, and in the CERTIFY outcome (class and radius) per image."""
     from data import Images
-    from model import load_checkpoint, model_from_checkpoint
+    from jobs import load_checkpoint, model_from_checkpoint
     ckpt = load_checkpoint(args.agreement, "finetune")
     model = model_from_checkpoint(ckpt).to(device).eval()
     sigma, C = ckpt["config"]["sigma"], model.cfg.num_classes

@@ -7,7 +7,7 @@ each build (registers per thread, spill bytes, shared memory) and which tensor-c
 
 The builds are not listed by hand: each op runs on meta tensors at the dtypes and sizes the scripts use
 (bf16 under autocast, fp32 with --precision fp32, and InfoNCE's query and keys in different dtypes) with
-kernels.launch.capture in place, which records every launch's arguments instead of running it; each launch
+bench/launches.capture in place, which records every launch's arguments instead of running it; each launch
 is then compiled in every shipped config. So a signature or constexpr the op passes on a GPU is the one
 compiled here, mixed-dtype cases included. Triton lowers to PTX on any machine; the cubin comes from the
 ptxas binaries shipped in the triton wheel (`ptxas` for sm_80 and `ptxas-blackwell` for sm_90a, the same
@@ -36,6 +36,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from bench.launches import Launch, body, capture  # noqa: E402
 from kernels import launch  # noqa: E402
 from model import DATASETS, PRESETS  # noqa: E402
 
@@ -80,7 +81,7 @@ def cases() -> list[tuple[str, object, tuple]]:
     return out
 
 
-def _build(captured: "launch.Launch", config) -> dict:
+def _build(captured: "Launch", config) -> dict:
     """One launch in one config as Triton would specialise it: pointers 16-byte aligned (torch allocations
     are), integer arguments that are multiples of 16 marked so, as Triton marks them."""
     fn, args = captured.kernel, captured.args | config.kwargs
@@ -111,8 +112,8 @@ def builds() -> list[dict]:
     launch it (a mixed-dtype InfoNCE that casts to one dtype shares the fp32 builds)."""
     found: dict[str, dict] = {}
     for label, op, args in cases():
-        with launch.capture() as launches:
-            launch.body(op, *args)
+        with capture() as launches:
+            body(op, *args)
         for captured in launches:
             for config in captured.configs:
                 b = _build(captured, config)

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import ViT, autocast, select_kernels, to_model_space, vit_config  # noqa: E402
+from jobs import autocast, select_kernels  # noqa: E402
+from model import ViT, to_model_space, vit_config  # noqa: E402
 
 GPU = torch.cuda.is_available()
 

@@ -43,7 +43,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from model import ViT, save_checkpoint, vit_config  # noqa: E402
+from jobs import peak_bf16_flops, save_checkpoint  # noqa: E402
+from model import ViT, vit_config  # noqa: E402
 
 SECTIONS = ("tests", "kernels", "certify", "pretrain", "e2e")
 # Sizes per mode. GPU: rRCM-B at the paper's N for certify (4 images; --batch 10000 also launches attention over
@@ -197,13 +198,12 @@ def pretrain_rates(log: str) -> tuple[float, float | None]:
 
 
 # MFU from measured rates, whatever the scripts average over (their own figures may count compilation), against
-# pretrain.py's table of dense bf16 peaks. Pre-training: pretrain.forwards_per_image encoder forward-equivalents
+# jobs.py's table of dense bf16 peaks. Pre-training: pretrain.forwards_per_image encoder forward-equivalents
 # per image (its default loss); certification: one forward per noisy sample.
 
 def mfu(forwards_per_s: float, preset: str) -> float | None:
     """Percent of the GPU's peak bf16 FLOP/s at this rate of encoder forwards; None on an unknown device."""
-    import pretrain
-    peak = pretrain.peak_bf16_flops()
+    peak = peak_bf16_flops()
     return None if peak is None else 100 * forwards_per_s * vit_config(preset, "cifar10").flops_per_image() / peak
 
 
@@ -296,7 +296,8 @@ def section_e2e(plan: dict, gpu: bool, log: str, work: str, data_dir: str | None
                 lines.append(f"{kernels}: " + next(line for line in reversed(text.splitlines()) if line.startswith("epoch")))
         rows.append((kernels, os.path.join(out, "certify.tsv"), time.perf_counter() - start))
     import report
-    runs = [report.read_tsv(tsv) for _, tsv, _ in rows]
+    import results
+    runs = [results.read_tsv(tsv) for _, tsv, _ in rows]
     table = report.table([f"kernels {k} ({s:.0f} s)" for k, _, s in rows], runs)
     # Within noise: 100 images, so one standard error of a certified accuracy near 50 % is 5 points.
     radii = report.radii_for(runs)

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, dot, tile, upcast
+from .launch import autotuned, dot, needs_upcast, upcast_tile
 
 LOG2E = 1.4426950408889634
 
@@ -42,7 +42,7 @@ INTERPRETER = (128, 64)
 @triton.jit
 def _load(X, base, rows, cols, row_ok, col_ok, D, UPCAST: tl.constexpr):
     """The [rows, cols] tile of one head's [L, D] matrix; out-of-range rows and columns read as 0."""
-    return tile(tl.load(X + base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
+    return upcast_tile(tl.load(X + base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0), UPCAST)
 
 
 @triton.jit
@@ -183,7 +183,7 @@ def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[t
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     o, lse = _attention_fwd_outputs(q, k, v)
     scale = 1.0 / math.sqrt(D)
-    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=upcast(q), **_fwd_blocks)
+    _fwd[_grid_of("BLOCK_M", L, B * H)](q, k, v, o, lse, L, D, scale * LOG2E, D_PAD=d_pad(D), UPCAST=needs_upcast(q), **_fwd_blocks)
     return o, lse
 
 
@@ -206,7 +206,7 @@ def _attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     dq, dk, dv = _attention_bwd_outputs(do, q, k, v, o, lse)
     scale = 1.0 / math.sqrt(D)
     args = (L, D, scale * LOG2E, scale)
-    consts = dict(D_PAD=d_pad(D), UPCAST=upcast(q))
+    consts = dict(D_PAD=d_pad(D), UPCAST=needs_upcast(q))
     _bwd_dkdv[_grid_of("BLOCK_N", L, B * H)](q, k, v, do, lse, delta, dk, dv, *args, **consts, **_bwd_dkdv_blocks)
     _bwd_dq[_grid_of("BLOCK_M", L, B * H)](q, k, v, do, lse, delta, dq, *args, **consts, **_bwd_dq_blocks)
     return dq, dk, dv

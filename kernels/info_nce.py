@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launch import autotuned, dot, tile, upcast
+from .launch import autotuned, dot, needs_upcast, upcast_tile
 
 LOG2E = 1.4426950408889634
 
@@ -45,8 +45,8 @@ def _scores(A, Bm, rows, cols, row_ok, col_ok, D, scale_log2,
     for d0 in range(0, D, BLOCK_D):
         d = d0 + tl.arange(0, BLOCK_D)
         d_ok = d < D
-        a = tile(tl.load(A + rows[:, None].to(tl.int64) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
-        b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
+        a = upcast_tile(tl.load(A + rows[:, None].to(tl.int64) * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
+        b = upcast_tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + d[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0), UPCAST)
         s += dot(a, tl.trans(b))
     return s * scale_log2
 
@@ -95,7 +95,7 @@ def _weighted_sum_kernel(A, Bm, LSE, G, OUT, R, C, D, scale_log2,
             g_c = tl.load(G + cols, mask=col_ok, other=0.0)
             p = tl.exp2(s - lse_c[None, :]) * g_c[None, :]
         p = tl.where(col_ok[None, :], p, 0.0)
-        b = tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + outs[None, :], mask=col_ok[:, None] & out_ok[None, :], other=0.0), UPCAST)
+        b = upcast_tile(tl.load(Bm + cols[:, None].to(tl.int64) * D + outs[None, :], mask=col_ok[:, None] & out_ok[None, :], other=0.0), UPCAST)
         acc += dot(p.to(b.dtype), b)
     if LSE_ON_ROWS:
         acc = acc * g_r[:, None]
@@ -119,7 +119,7 @@ def weighted_sum_grid(R: int, D: int, meta: dict) -> tuple[int, int]:
 def _weighted_sum(a, b, lse, g, lse_on_rows: bool, scale_log2: float) -> torch.Tensor:
     out = torch.empty(a.shape, device=a.device, dtype=torch.float32)
     _wsum[lambda meta: weighted_sum_grid(a.shape[0], a.shape[1], meta)](a, b, lse, g, out, a.shape[0], b.shape[0], a.shape[1], scale_log2,
-                LSE_ON_ROWS=lse_on_rows, UPCAST=upcast(a), **_wsum_blocks)
+                LSE_ON_ROWS=lse_on_rows, UPCAST=needs_upcast(a), **_wsum_blocks)
     return out
 
 
@@ -139,7 +139,7 @@ def _info_nce_fwd(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int) -> 
     B, D = q.shape
     q, k = _common(q, k)
     loss, lse2 = _info_nce_fwd_outputs(q, k, tau, offset)
-    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=upcast(q), **_lse_blocks)
+    _lse[lambda meta: lse_grid(B, meta)](q, k, lse2, B, k.shape[0], D, LOG2E / tau, UPCAST=needs_upcast(q), **_lse_blocks)
     positive = (q.float() * k[offset:offset + B].float()).sum(-1) / tau
     loss.copy_(lse2 / LOG2E - positive)
     return loss, lse2

@@ -1,31 +1,26 @@
 """How every kernel in this package is launched: autotuned on a GPU, a fixed config under the CPU interpreter;
-what fp32 means inside a kernel; and a way to see every launch an op makes without running it.
+and what fp32 means inside a kernel.
 
 Tests run the kernels on CPU with TRITON_INTERPRET=1 (set before triton is imported). The interpreter
 executes the same kernel code with numpy, which is slow and has two differences that matter here:
 autotuning would only time numpy, and tl.dot on bf16 operands comes out wrong (numpy has no bf16).
 """
-import contextlib
-import dataclasses
 import os
-import sys
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
-from triton.runtime import Autotuner
-from triton.runtime.jit import KernelInterface
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
-# Every autotuned kernel's shipped configs, also under the interpreter (which launches only the first), so
-# that `capture` can show the grid of every config a GPU may pick and bench/compile_report.py build them all.
+# Every autotuned kernel's shipped configs, also under the interpreter (which launches only the first): the
+# tests and bench/compile_report.py check the grid and the build of every config a GPU may pick.
 SHIPPED: dict = {}
 
 
 @triton.jit
-def tile(x, UPCAST: tl.constexpr):
+def upcast_tile(x, UPCAST: tl.constexpr):
     """Widen a loaded tile to fp32 when UPCAST is set: only under the interpreter with bf16 inputs.
     On a GPU bf16 tiles go to the tensor cores as they are, with fp32 accumulation."""
     if UPCAST:
@@ -33,7 +28,7 @@ def tile(x, UPCAST: tl.constexpr):
     return x
 
 
-def upcast(t: torch.Tensor) -> bool:
+def needs_upcast(t: torch.Tensor) -> bool:
     return INTERPRET and t.dtype == torch.bfloat16
 
 
@@ -66,60 +61,6 @@ def autotuned(kernel, names: tuple, configs: list, key: list, interpreter: tuple
     if INTERPRET:
         return kernel, dict(zip(names, interpreter)) if interpreter else dict(tuned[0].kwargs)
     return triton.autotune(tuned, key=key)(kernel), {}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Seeing launches without running them (tests/test_gpu_compile.py, bench/compile_report.py)
-
-@dataclasses.dataclass
-class Launch:
-    """One kernel launch an op made: the @triton.jit function, its arguments by name, and for every config
-    the launch may run with (all shipped configs of an autotuned kernel), the config and its grid."""
-    kernel: object
-    args: dict
-    configs: list
-    grids: list
-
-
-class _Recorder:
-    """Stands in for a kernel (or its autotuner) inside `capture`: `kernel[grid](...)` records, runs nothing."""
-
-    def __init__(self, kernel, launches: list):
-        self.kernel, self.launches = kernel, launches
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            fn = self.kernel.fn if isinstance(self.kernel, Autotuner) else self.kernel
-            warps, stages = kwargs.pop("num_warps", 4), kwargs.pop("num_stages", 3)  # Triton's defaults
-            named = dict(zip(fn.arg_names, args)) | kwargs
-            configs = SHIPPED.get(fn) or [triton.Config({}, num_warps=warps, num_stages=stages)]
-            grids = [tuple(grid(named | c.kwargs)) if callable(grid) else tuple(grid) for c in configs]
-            self.launches.append(Launch(fn, named, configs, grids))
-        return launch
-
-
-@contextlib.contextmanager
-def capture():
-    """Inside the block every kernel of this package records its launches (into the yielded list) instead of
-    running. With meta tensors and `body`, an op shows the grids and argument types it would launch with at
-    shapes far too large to allocate here."""
-    launches: list[Launch] = []
-    package = __name__.rpartition(".")[0]
-    modules = [m for name, m in list(sys.modules.items()) if name.startswith(package + ".")]
-    saved = [(m, name, obj) for m in modules for name, obj in vars(m).items() if isinstance(obj, KernelInterface)]
-    for m, name, obj in saved:
-        setattr(m, name, _Recorder(obj, launches))
-    try:
-        yield launches
-    finally:
-        for m, name, obj in saved:
-            setattr(m, name, obj)
-
-
-def body(op, *args):
-    """The Python body of a torch.library custom op, called directly: through the dispatcher, meta tensors
-    would reach the op's fake instead. (CustomOpDef keeps the decorated function as _init_fn.)"""
-    return op._init_fn(*args)
 
 
 def _fix_interpreter_index() -> None:

@@ -96,7 +96,7 @@ def refusal(script: str, argv: list) -> str:
     exits with (a usage error, or argparse's one line); fails if it does not exit."""
     import importlib
 
-    from model import UsageError
+    from jobs import UsageError
     module = importlib.import_module(script.removesuffix(".py"))
     with pytest.raises(SystemExit) as exited:
         try:

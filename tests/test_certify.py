@@ -11,6 +11,7 @@ import torch
 from scipy.stats import norm
 
 import certify
+import results
 import smoothing
 from conftest import ROOT
 from data import Images
@@ -19,14 +20,14 @@ from test_smoothing import clopper_pearson_lower
 
 def test_radius_is_rounded_down_to_4_decimals():
     """By hand: 0.24996 must not become 0.2500 (that would count at r = 0.25)."""
-    assert certify.floor_radius(0.24996) == "0.2499"
-    assert certify.floor_radius(0.25) == "0.2500" and certify.floor_radius(0.0) == "0.0000"
-    assert certify.floor_radius(0.61649) == "0.6164" and certify.floor_radius(1.99999999) == "1.9999"
+    assert results.floor_radius(0.24996) == "0.2499"
+    assert results.floor_radius(0.25) == "0.2500" and results.floor_radius(0.0) == "0.0000"
+    assert results.floor_radius(0.61649) == "0.6164" and results.floor_radius(1.99999999) == "1.9999"
     # a certificate from counts: 9996 of 10000 at alpha 0.001, sigma 0.5 gives 1.486074...: written 1.4860, where
     # rounding to nearest would write 1.4861
     _, radius = smoothing.certify_from_counts(np.array([0, 100]), np.array([4, 9996]), 10000, 0.001, 0.5)
     expected = 0.5 * norm.ppf(clopper_pearson_lower(9996, 10000, 0.001))
-    assert abs(radius - expected) < 1e-9 and f"{expected:.4f}" == "1.4861" and certify.floor_radius(radius) == "1.4860"
+    assert abs(radius - expected) < 1e-9 and f"{expected:.4f}" == "1.4861" and results.floor_radius(radius) == "1.4860"
 
 
 def test_imagenet_default_subset_takes_one_image_from_every_other_class(tmp_path):
@@ -65,8 +66,8 @@ def test_sigma_default_is_the_released_grid_one_file_each(tmp_path):
     args = certify.parse_args(["--out", "r/c.tsv", "--sigma", "0.5"])
     assert certify.out_path(args, 0.5) == "r/c.tsv"  # one sigma: --out as given
     (tmp_path / "c_sigma0.5").mkdir()
-    for argv, message in ((["--sigma", "0.5,0.5"], "--sigma lists a value twice"),
-                          (["--sigma", "abc"], "argument --sigma: invalid float value: 'abc'"),
+    for argv, message in ((["--sigma", "0.5,0.5"], "--sigma must list each value once"),
+                          (["--sigma", "abc"], "--sigma: invalid float value: 'abc'"),
                           (["--sigma", "0.5", "--out", str(tmp_path)], f"--out {tmp_path} is a directory; give a file name"),
                           (["--out", str(tmp_path / "c")], f"--out {tmp_path}/c_sigma0.5 is a directory")):
         with pytest.raises(SystemExit) as exited:
@@ -97,22 +98,22 @@ def test_adaptive_flags_parse():
 
 @pytest.mark.parametrize("out,reason", [("/proc/x", "cannot write /proc/x"), ("/etc/passwd/x", "/etc/passwd is not a directory")])
 def test_unwritable_out_is_one_line(out, reason):
-    with pytest.raises(certify.UsageError, match=reason):
-        certify.lock_results(out)
+    with pytest.raises(results.ResultsError, match=reason):
+        results.lock_results(out)
 
 
 def test_one_writer_per_results_file(tmp_path):
     """A second writer is refused at once; once the first is gone (closed, or its process killed) the lock is free."""
     path = str(tmp_path / "c.tsv")
-    first = certify.lock_results(path)
-    with pytest.raises(certify.UsageError, match="being written by another certify.py run"):
-        certify.lock_results(path)
+    first = results.lock_results(path)
+    with pytest.raises(results.ResultsError, match="being written by another certify.py run"):
+        results.lock_results(path)
     first.close()
-    certify.lock_results(path).close()
+    results.lock_results(path).close()
     with open(path + ".lock") as other:  # an independent flock from outside certify.py
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(certify.UsageError, match="being written"):
-            certify.lock_results(path)
+        with pytest.raises(results.ResultsError, match="being written"):
+            results.lock_results(path)
 
 
 def test_help_shows_every_default(capsys):

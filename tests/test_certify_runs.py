@@ -17,11 +17,13 @@ import pytest
 import torch
 
 import certify
+import jobs
 import report
+import results
 import smoothing
 from conftest import FAST, ROOT
 from data import Images
-from model import load_checkpoint, model_from_checkpoint
+from jobs import load_checkpoint, model_from_checkpoint
 
 
 def rows_without_time(path) -> list:
@@ -124,14 +126,14 @@ def test_sigint_keeps_whole_lines_and_a_second_writer_is_refused(adaptive_run, f
     argv = certify_args(finetuned, cifar_dir, out, *ADAPTIVE)
     process = start_certify(argv)
     wait_for_rows(out, 1, process)
-    with pytest.raises(certify.UsageError, match="being written by another certify.py run"):
+    with pytest.raises(jobs.UsageError, match="being written by another certify.py run"):
         certify.main(argv)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode != 0 and len(stderr.strip().splitlines()) == 1, stderr
     assert "interrupted by SIGINT" in stderr and "run the same command to continue" in stderr
     text = open(out).read()
-    assert text.endswith("\n") and report.check_rows(str(out), text.encode(), report.ADAPTIVE_HEADER)
+    assert text.endswith("\n") and results.check_rows(str(out), text.encode(), results.ADAPTIVE_HEADER)
     run_quietly(argv[:-len(ADAPTIVE)] + ["--batch", "300", *ADAPTIVE])
     assert rows_without_time(out) == rows_without_time(adaptive_run[0])
 
@@ -142,7 +144,7 @@ def test_certify_refuses_to_mix_configurations(fixed_run, finetuned, cifar_dir, 
         shutil.copy(str(fixed_run[0]) + suffix, str(out) + suffix)
     before = out.read_bytes()
     for extra, changed in ((["--alpha", "0.01"], "alpha"), (ADAPTIVE, "mode"), (["--precision", "bf16"], "precision")):
-        with pytest.raises(certify.UsageError, match=f"different configuration \\({changed}"):
+        with pytest.raises(jobs.UsageError, match=f"different configuration \\({changed}"):
             certify.main(certify_args(finetuned, cifar_dir, out, *extra))
     assert out.read_bytes() == before
 
@@ -154,7 +156,7 @@ def test_a_garbage_line_is_refused_and_the_file_left_alone(fixed_run, finetuned,
     with open(out, "a") as f:
         f.write("garbage line\n")
     before = out.read_bytes()
-    with pytest.raises(certify.UsageError, match="c.tsv, line 7: 1 columns, expected 6; not appending"):
+    with pytest.raises(jobs.UsageError, match="c.tsv, line 7: 1 columns, expected 6; not appending"):
         certify.main(certify_args(finetuned, cifar_dir, out))
     assert out.read_bytes() == before
 
@@ -222,7 +224,7 @@ def test_adaptive_decisions_are_certify_on_the_samples_drawn(fixed_run, adaptive
         counts = smooth.counts(x, int(samples), key=int(idx))
         alpha_k = {100: 1e-5, 300: 0.001 - 1e-5}[int(samples)]  # 1 % of alpha at the early look
         expected = smoothing.certify_from_counts(counts0, counts, int(samples), alpha_k, 0.25)
-        assert (int(pred), radius) == (expected[0], certify.floor_radius(expected[1]))
+        assert (int(pred), radius) == (expected[0], results.floor_radius(expected[1]))
         assert idx == fixed_row[0] and (int(samples) == 100 or pred == fixed_row[2])
 
 
@@ -233,7 +235,7 @@ def test_progress_names_device_precision_and_eta(fixed_run, finetuned, cifar_dir
     lines = [line for line in printed.splitlines() if line.startswith("image ")]
     assert [line.split(" |")[0] for line in lines] == [f"image {k} / 5" for k in range(1, 6)]
     assert all("samples/s" in line and "elapsed 0:00:" in line and "ETA " in line for line in lines)
-    monkeypatch.setattr(certify, "PROGRESS_EVERY", 0.0)  # a line after every batch, as every 30 s on a slow machine
+    monkeypatch.setattr(jobs, "PROGRESS_EVERY", 0.0)  # a line after every batch, as every 30 s on a slow machine
     printed = run_quietly(certify_args(finetuned, cifar_dir, tmp_path / "c.tsv", "--num", "1", "--n", "200", "--batch", "100"))
     assert "image 1 / 1: 100 of 300 samples" in printed and "image 1 / 1: 300 of 300 samples" in printed
 
@@ -244,11 +246,11 @@ def test_nothing_is_written_before_the_inputs_are_known_good(finetuned, cifar_di
     out = tmp_path / "res" / "c.tsv"
     empty = tmp_path / "no_cifar"
     (empty / "cifar-10-batches-py").mkdir(parents=True)  # the folder without its files: refused, not downloaded
-    with pytest.raises(certify.UsageError, match="CIFAR-10 file .*test_batch is missing"):
+    with pytest.raises(jobs.UsageError, match="CIFAR-10 file .*test_batch is missing"):
         certify.main(certify_args(finetuned, str(empty), out))
     assert not (tmp_path / "res").exists()
     out.parent.mkdir()
-    out.write_text(report.HEADER + "\n")
+    out.write_text(results.HEADER + "\n")
     (tmp_path / "res" / "c.tsv.json").write_text('{"n": 300}')
     run_quietly(certify_args(finetuned, cifar_dir, out, "--n", "200", "--num", "1"))
     assert len(rows_without_time(out)) == 2 and '"n": 200' in open(str(out) + ".json").read()

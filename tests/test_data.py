@@ -10,7 +10,7 @@ import torch
 
 import augment
 import data
-from model import UsageError
+from jobs import UsageError
 
 
 def test_cifar_reader_matches_raw_pickles(cifar_dir):

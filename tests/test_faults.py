@@ -11,7 +11,7 @@ import torch
 import finetune
 import pretrain
 from conftest import FAST, ROOT, finetune_args, refusal, update_difference
-from model import load_checkpoint, save_checkpoint
+from jobs import load_checkpoint, save_checkpoint
 
 def torchrun(*argv, log_dir=None, flags=FAST):
     """Two gloo processes on the CPU, also on a GPU machine (CUDA hidden: under RRCM_TEST_GPU=1 a one-GPU machine

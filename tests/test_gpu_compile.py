@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from bench.launches import body, capture
 from conftest import ROOT
 from kernels import launch
 from model import DATASETS, PRESETS
@@ -113,7 +114,7 @@ def test_info_nce_of_two_dtypes_compiles(builds):
 
 # ----------------------------------------------------------------------------------------------------
 # Launch grids at the largest shapes the scripts make, as the ops compute them: each op's body runs on meta
-# tensors (nothing is allocated) while kernels.launch.capture records the grid of every launch under every
+# tensors (nothing is allocated) while bench.launches.capture records the grid of every launch under every
 # shipped config, the one a GPU's autotuner may pick.
 
 GRID_LIMITS = (2**31 - 1, 65535, 65535)  # CUDA: gridDim.x, gridDim.y, gridDim.z
@@ -127,8 +128,8 @@ def meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
 
 def launched_grids(op, *args) -> dict[str, list[tuple]]:
     """{kernel name: the grid under each shipped config} of every launch the op's body makes."""
-    with launch.capture() as launches:
-        launch.body(op, *args)
+    with capture() as launches:
+        body(op, *args)
     grids = {}
     for captured in launches:
         grids.setdefault(captured.kernel.fn.__name__, []).extend(captured.grids)

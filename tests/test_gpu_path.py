@@ -27,7 +27,8 @@ import certify
 import finetune
 import pretrain
 from conftest import ROOT, update_difference
-from model import ViT, load_checkpoint, vit_config
+from jobs import load_checkpoint
+from model import ViT, vit_config
 
 GPU_DEFAULTS = ["--compile", "--kernels", "triton", "--precision", "bf16"]
 REFERENCE = ["--no-compile", "--kernels", "torch", "--precision", "fp32"]

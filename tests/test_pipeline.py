@@ -9,7 +9,7 @@ import finetune
 import model
 import pretrain
 from conftest import FAST, refusal
-from model import load_checkpoint, model_from_checkpoint
+from jobs import load_checkpoint, model_from_checkpoint
 
 TINY = ["--preset", "tiny", "--batch", "20", "--warmup", "2", "--log-every", "1", *FAST]
 
@@ -97,7 +97,7 @@ def test_resumed_pretraining_matches_an_uninterrupted_run(cifar_dir, tmp_path, m
     (["certify.py", "--checkpoint", "nowhere.pt"], "nowhere.pt does not exist"),
     (["finetune.py", "--sigma", "nan"], "--sigma must be > 0"),
     (["finetune.py", "--batch", "0"], "--batch must be >= 1"),
-    (["pretrain.py", "--preset", "huge", "--data-dir", "{data}"], "unknown preset 'huge'"),
+    (["pretrain.py", "--preset", "huge", "--data-dir", "{data}"], "--preset: invalid choice: 'huge'"),
     (["pretrain.py", "--preset", "tiny", "--data-dir", "{empty}"], "data_batch_1 is missing"),
     (["certify.py", "--checkpoint", "{truncated}"], "truncated or not a checkpoint"),
     (["finetune.py", "--init", "{finetuned}", "--data-dir", "{data}"], "finetune checkpoint, but a pretrain checkpoint is needed"),

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import data
 import finetune
+import jobs
 import model
 import pretrain
 from conftest import ROOT, refusal
@@ -33,14 +34,14 @@ from conftest import ROOT, refusal
     (300_000, 0.0),             # the last step reaches 0
 ])
 def test_pretrain_lr_schedule(step, want):
-    assert pretrain.learning_rate(step, 300_000, 1e-4, 10_000) == pytest.approx(want, abs=1e-15)
+    assert jobs.warmup_cosine(step, 300_000, 10_000, 1e-4) == pytest.approx(want, abs=1e-15)
 
 
 def test_no_warmup_is_a_constant_lr():
     """Released customized_lr_scheduler: `if warmup_steps > 0: ... else: return 1` (099127a:rrcm/utils.py:311,
     323): without warm-up there is no cosine either, in pre-training (steps) and fine-tuning (epochs)."""
-    assert [pretrain.learning_rate(k, 400, 1e-4, 0) for k in (0, 1, 200, 399, 400)] == [1e-4] * 5
-    assert [finetune.learning_rate(e, 2e-4, 0, 2) for e in (0, 1, 2)] == [2e-4] * 3
+    assert [jobs.warmup_cosine(k, 400, 0, 1e-4) for k in (0, 1, 200, 399, 400)] == [1e-4] * 5
+    assert [jobs.warmup_cosine(e, 2, 0, 2e-4) for e in (0, 1, 2)] == [2e-4] * 3
 
 
 def test_pretrain_recipes_per_dataset():
@@ -89,9 +90,9 @@ def test_finetune_schedule_reproduces_the_logged_lr(dataset, sigma):
     The default recipe (no lr scaling: `scale_lr: false` in every log) must give those numbers exactly."""
     a = finetune.parse_args(["--dataset", dataset, "--sigma", str(sigma)])
     assert not a.scale_lr
-    assert finetune.learning_rate(0, a.lr, a.warmup_epochs, a.schedule_epochs) == 0.0
+    assert jobs.warmup_cosine(0, a.schedule_epochs, a.warmup_epochs, a.lr) == 0.0
     for epoch, logged in LOGGED_LR[dataset, sigma].items():
-        assert finetune.learning_rate(epoch + 1, a.lr, a.warmup_epochs, a.schedule_epochs) == logged, epoch
+        assert jobs.warmup_cosine(epoch + 1, a.schedule_epochs, a.warmup_epochs, a.lr) == logged, epoch
 
 
 @pytest.mark.parametrize("sigma, decay, logged_first", [(0.25, 0.75, 4.7514528036117553e-07), (1.0, 0.65, 7.394411782037431e-08)])
@@ -102,7 +103,7 @@ def test_layer_decay_matches_the_logged_groups(sigma, decay, logged_first):
     net = model.ViT(dataclasses.replace(model.vit_config("tiny", "cifar10"), depth=12))
     groups = finetune.layer_groups(net, a.layer_decay)
     assert a.layer_decay == decay and groups[-1]["lr_scale"] == 1.0
-    head_lr = finetune.learning_rate(1, a.lr, a.warmup_epochs, a.schedule_epochs)
+    head_lr = jobs.warmup_cosine(1, a.schedule_epochs, a.warmup_epochs, a.lr)
     assert groups[0]["lr_scale"] * head_lr == pytest.approx(logged_first, rel=1e-12)
 
 
@@ -125,7 +126,7 @@ def test_imagenet_finetune_recipe_per_sigma(sigma, epochs, lr, augment, smoothin
     assert (a.layer_decay, a.mixup, a.cutmix, a.warmup_epochs, a.schedule_epochs, a.eta2) == (0.65, 0.8, 1.0, 5, 150, 0.5)
     # the 50-epoch run stops on the way down its 150-epoch cosine: 0.5 (1 + cos(pi 44 / 145)) of the peak at the end
     if epochs == 50:
-        end = finetune.learning_rate(49, 1.0, a.warmup_epochs, a.schedule_epochs)
+        end = jobs.warmup_cosine(49, a.schedule_epochs, a.warmup_epochs, 1.0)
         assert end == pytest.approx(0.5 * (1 + math.cos(math.pi * 44 / 145)))
 
 
@@ -368,7 +369,7 @@ def test_tutorial_finetuning_ends_in_a_classifier_that_learned(low_contrast, tmp
 
     def top_two(out, argv) -> int:
         finetune.main(["--init", init, "--data-dir", folder, "--out", str(out), *argv, "--kernels", "torch", "--precision", "fp32"])
-        net = model.model_from_checkpoint(model.load_checkpoint(str(out / "ckpt.pt"), "finetune")).eval()
+        net = jobs.model_from_checkpoint(jobs.load_checkpoint(str(out / "ckpt.pt"), "finetune")).eval()
         x, _ = data.Images("cifar10", folder, "test", torch.device("cpu")).batch(torch.arange(50))
         with torch.no_grad():
             predicted = net(model.to_model_space(x), model.SIGMA_MIN).argmax(1)

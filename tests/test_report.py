@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import report
+import results
 import smoothing
 from conftest import ROOT
 
@@ -15,12 +16,12 @@ ROWS = "0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\
 
 def test_report_table_and_envelope(tmp_path):
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    a.write_text(report.HEADER + "\n" + ROWS)
-    b.write_text(report.HEADER + "\n0\t1\t1\t1.3\t1\t1.0\n1\t2\t0\t0.8\t0\t1.0\n2\t0\t0\t0.1\t1\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
-    rows = report.read_tsv(str(a))
+    a.write_text(results.HEADER + "\n" + ROWS)
+    b.write_text(results.HEADER + "\n0\t1\t1\t1.3\t1\t1.0\n1\t2\t0\t0.8\t0\t1.0\n2\t0\t0\t0.1\t1\t1.0\n3\t0\t1\t0.9\t0\t1.0\n")
+    rows = results.read_tsv(str(a))
     assert [report.certified_accuracy(rows["radius"], rows["correct"], r) for r in (0, 0.25, 0.5, 1.0)] == [0.5, 0.5, 0.25, 0.0]
     assert report.average_certified_radius(rows["radius"], rows["correct"]) == pytest.approx(0.275)
-    lines = report.table(["a", "b"], [rows, report.read_tsv(str(b))], envelope=True).splitlines()
+    lines = report.table(["a", "b"], [rows, results.read_tsv(str(b))], envelope=True).splitlines()
     # radii 0 .. 1.25 (the largest certified radius is 1.3); a: 50 50 25 25 0 0, b: 50 25 25 25 25 25
     assert lines[0].split()[1:] == ["0.00", "0.25", "0.50", "0.75", "1.00", "1.25", "ACR", "images"]
     assert lines[1].split()[1:] == ["50.0", "50.0", "25.0", "25.0", "0.0", "0.0", "0.275", "4"]
@@ -51,15 +52,15 @@ def test_envelope_row_lines_up_with_the_header(names):
 
 def test_reads_fixed_and_adaptive_files(tmp_path):
     fixed, adaptive = tmp_path / "f.tsv", tmp_path / "a.tsv"
-    fixed.write_text(report.HEADER + "\n" + ROWS)
-    adaptive.write_text(report.ADAPTIVE_HEADER + "\n" + "".join(r + "\t1000\n" for r in ROWS.splitlines()[:2]) + "2\t0\t-1\t0.0\t0\t1.0\t100000\n")
-    assert "samples" not in report.read_tsv(str(fixed))
-    run = report.read_tsv(str(adaptive))
+    fixed.write_text(results.HEADER + "\n" + ROWS)
+    adaptive.write_text(results.ADAPTIVE_HEADER + "\n" + "".join(r + "\t1000\n" for r in ROWS.splitlines()[:2]) + "2\t0\t-1\t0.0\t0\t1.0\t100000\n")
+    assert "samples" not in results.read_tsv(str(fixed))
+    run = results.read_tsv(str(adaptive))
     assert list(run["samples"]) == [1000, 1000, 100000] and list(run["radius"]) == [0.3, 0.8, 0.0]
     assert "3 images, 1.00 s per image, 34,000 estimation samples per image" in report.summary(str(adaptive))
 
 
-GOOD = report.HEADER + "\n" + ROWS
+GOOD = results.HEADER + "\n" + ROWS
 
 
 @pytest.mark.parametrize("text,problem", [
@@ -76,16 +77,16 @@ GOOD = report.HEADER + "\n" + ROWS
     (GOOD + "4\t1\t-2\t0.5\t0\t1.0\n", "line 6: predict -2 is out of range"),
     (GOOD + "4\t1\t2\t0.5\t1\t1.0\n", "line 6: correct is 1 but predict is 2 and label 1"),
     (GOOD + "\n", "line 6: 1 columns, expected 6"),
-    (report.ADAPTIVE_HEADER + "\n0\t1\t1\t0.3\t1\t1.0\t0\n", "line 2: samples 0 is out of range"),
+    (results.ADAPTIVE_HEADER + "\n0\t1\t1\t0.3\t1\t1.0\t0\n", "line 2: samples 0 is out of range"),
     ("hello\n", "is not a certification TSV"),
 ])
 def test_malformed_files_are_refused_naming_file_and_line(tmp_path, text, problem):
     path = tmp_path / "bad.tsv"
     path.write_text(text)
-    with pytest.raises(report.ReportError, match=f"{path}"):
-        report.read_tsv(str(path))
-    with pytest.raises(report.ReportError) as error:
-        report.read_tsv(str(path))
+    with pytest.raises(results.ResultsError, match=f"{path}"):
+        results.read_tsv(str(path))
+    with pytest.raises(results.ResultsError) as error:
+        results.read_tsv(str(path))
     assert problem in str(error.value)
 
 
@@ -100,9 +101,9 @@ def test_the_command_line_says_one_line_and_exits_non_zero(tmp_path, data, probl
 
 def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     tsv = tmp_path / "a.tsv"
-    tsv.write_text(report.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n")
+    tsv.write_text(results.HEADER + "\n0\t1\t1\t0.3\t1\t1.0\n")
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
-    with pytest.raises(report.ReportError, match="--plot needs matplotlib"):
+    with pytest.raises(results.ResultsError, match="--plot needs matplotlib"):
         report.main([str(tsv), "--plot", str(tmp_path / "p.png")])
     result = subprocess.run([sys.executable, "report.py", str(tmp_path / "missing.tsv")], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and result.stderr.strip() == f"report.py: error: cannot read {tmp_path / 'missing.tsv'}"
@@ -141,7 +142,7 @@ def write_run(path, accuracy, sigma, images=500):
         radii += [min(0.25 * k + 0.01, smoothing.largest_radius(100_000, 0.001, sigma))] * (counts[k] - counts[k + 1])
     rows = [f"{i}\t{i % 10}\t{i % 10}\t{r:.4f}\t1\t1.0" for i, r in enumerate(radii)]
     rows += [f"{i}\t{i % 10}\t-1\t0.0\t0\t1.0" for i in range(len(radii), images)]
-    path.write_text(report.HEADER + "\n" + "".join(row + "\n" for row in rows))
+    path.write_text(results.HEADER + "\n" + "".join(row + "\n" for row in rows))
     (path.parent / (path.name + ".json")).write_text(f'{{"sigma": {sigma}, "n": 100000, "alpha": 0.001}}')
 
 
@@ -170,7 +171,7 @@ def collapsed_run(path, predictions, images=100):
     for i in range(images):
         label, guess = i % 10, predicted[i] if i < len(predicted) else -1
         rows.append(f"{i}\t{label}\t{guess}\t{0.3 if guess == label else 0.0}\t{int(guess == label)}\t1.0\n")
-    path.write_text(report.HEADER + "\n" + "".join(rows))
+    path.write_text(results.HEADER + "\n" + "".join(rows))
 
 
 def test_a_collapsed_run_is_named_beside_the_table(tmp_path):
@@ -186,7 +187,7 @@ def test_a_collapsed_run_is_named_beside_the_table(tmp_path):
     assert notes == ["frozen: 98 of 100 predictions are classes 7 and 8: the table is close to the class prior "
                      "(the labels need 9 classes to cover 90% of the images)"], out
     collapsed_run(tmp_path / "one.tsv", [(3, 100)])
-    assert "100 of 100 predictions are class 3:" in report.table(["one"], [report.read_tsv(str(tmp_path / "one.tsv"))])
+    assert "100 of 100 predictions are class 3:" in report.table(["one"], [results.read_tsv(str(tmp_path / "one.tsv"))])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def test_a_collapsed_run_is_named_beside_the_table(tmp_path):
 
 def test_a_header_only_file_is_refused_in_one_line(tmp_path):
     path = tmp_path / "empty.tsv"
-    path.write_text(report.HEADER + "\n")
+    path.write_text(results.HEADER + "\n")
     result = subprocess.run([sys.executable, "report.py", str(path)], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode != 0 and result.stderr.strip() == f"report.py: error: {path} has no results yet (only its header)"
 
@@ -203,7 +204,7 @@ def test_radius_columns_stay_bounded_and_the_sidecar_bounds_radii(tmp_path):
     """A radius of 99999 made a 400,000-character line. Without a sidecar it now counts in the last column
     (4.00); with certify.py's sidecar (sigma 0.25, n = 100,000, alpha = 0.001: at most 0.9529) it is refused."""
     path = tmp_path / "huge.tsv"
-    path.write_text(report.HEADER + "\n0\t1\t1\t99999\t1\t1.0\n1\t2\t2\t0.3\t1\t1.0\n")
+    path.write_text(results.HEADER + "\n0\t1\t1\t99999\t1\t1.0\n1\t2\t2\t0.3\t1\t1.0\n")
     result = subprocess.run([sys.executable, "report.py", str(path)], capture_output=True, text=True, cwd=ROOT)
     header, row = result.stdout.splitlines()
     assert result.returncode == 0 and header.split()[-3] == "4.00" and len(header) < 200
@@ -219,9 +220,9 @@ def test_abstentions_pass_the_sidecar_bound_even_where_n_certifies_nothing(tmp_p
     """With n = 2 no radius can be certified (alpha^(1/2) = 0.032 < 1/2: the bound is negative), but the
     abstentions such a run writes (radius 0) are valid rows."""
     path = tmp_path / "small.tsv"
-    path.write_text(report.HEADER + "\n0\t1\t-1\t0.0000\t0\t1.0\n")
+    path.write_text(results.HEADER + "\n0\t1\t-1\t0.0000\t0\t1.0\n")
     (tmp_path / "small.tsv.json").write_text('{"sigma": 0.25, "n": 2, "alpha": 0.001}')
-    assert report.read_tsv(str(path))["radius"].tolist() == [0.0]
-    path.write_text(report.HEADER + "\n0\t1\t1\t0.0010\t1\t1.0\n")
-    with pytest.raises(report.ReportError, match="at most 0.0000"):
-        report.read_tsv(str(path))
+    assert results.read_tsv(str(path))["radius"].tolist() == [0.0]
+    path.write_text(results.HEADER + "\n0\t1\t1\t0.0010\t1\t1.0\n")
+    with pytest.raises(results.ResultsError, match="at most 0.0000"):
+        results.read_tsv(str(path))
