@@ -213,3 +213,15 @@ def test_workers_flag_defaults_to_the_cores_of_each_process(monkeypatch):
     assert data.cores_per_process() == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["--workers", "-1"])
+
+
+def test_input_benchmark_runs_in_quick_mode(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("imagenet_input", os.path.join(ROOT, "bench", "imagenet_input.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--folder", str(tmp_path)])
+    out = capsys.readouterr().out
+    for views in ("pretrain", "weak", "strong", "autoaug"):
+        assert re.search(rf"^  {views} +\d+\.\d ", out, re.M), out
+    assert re.search(r"max\(step, decode\) +step \+ decode", out) and "rRCM-B: 35.3 GFLOP" in out, out
