@@ -207,6 +207,7 @@ class ImageFolder:
 # Decoding ahead of the step: worker processes, shared-memory slots, pinned memory, a copy stream
 
 UNIT = 8  # images per worker task: messages cost nothing beside decoding 8 JPEGs, and the workers stay balanced
+AHEAD = 2  # steps (or chunks) being decoded at once: the workers start the next while the last one's stragglers finish
 
 
 def cores_per_process() -> int:
@@ -224,9 +225,10 @@ def _worker_count(text: str) -> int:
 def add_workers_flag(parser) -> None:
     """--workers, for every script that reads ImageNet."""
     parser.add_argument("--workers", type=_worker_count, default=cores_per_process(),
-                        help="ImageNet: processes decoding JPEGs ahead of the steps, per process (default: the cores "
-                             "available to each process on this node; 0: decode in this process while the step waits). "
-                             "More than the cores helps only when reading the files waits on a network file system")
+                        help="ImageNet: processes decoding JPEGs ahead of the batches that need them, per process "
+                             "(default: the cores available to each process on this node; 0: decode in this process, "
+                             "each batch when it is asked for). More than the cores helps only when reading the files "
+                             "waits on a network file system")
 
 
 def _context():
@@ -444,7 +446,7 @@ class Images:
         return len(self.labels)
 
     def prefetch_steps(self, first_step: int, batch: int, seed: int, rank: int, world: int, shards: int, views: str) -> None:
-        """ImageNet: from now on decode this rank's shards of steps first_step, first_step + 1, ... two steps ahead
+        """ImageNet: from now on decode this rank's shards of steps first_step, first_step + 1, ... AHEAD steps ahead
         of the loop, which must ask for them in that order (local_shards), each with its step's generator
         generator(device, seed, "step", step, shard) and VIEWS[views] ("pretrain" or a fine-tuning augmentation).
         Nothing on CIFAR-10 or with 0 workers."""
@@ -452,12 +454,12 @@ class Images:
             for step in itertools.count(first_step):
                 for shard, idx in local_shards(batch_indices(len(self), batch, step, seed, rank, world), rank, world, shards):
                     yield idx, derive_seed(seed, "step", step, shard)  # the seed of the step's generator (see views)
-        self._prefetch(views, requests(), batch // shards, 2 * (shards // world), None)
+        self._prefetch(views, requests(), batch // shards, AHEAD * (shards // world), None)
 
     def prefetch(self, chunks: Sequence[torch.Tensor]) -> None:
         """ImageNet: from now on decode the centre crops of `chunks` ahead of the `batch(chunk)` calls, which must
         follow in this order. Nothing on CIFAR-10 or with 0 workers."""
-        self._prefetch("centre", ((chunk, 0) for chunk in chunks), max(map(len, chunks), default=0), 2, len(chunks))
+        self._prefetch("centre", ((chunk, 0) for chunk in chunks), max(map(len, chunks), default=0), AHEAD, len(chunks))
 
     def _prefetch(self, views: str, requests, rows: int, slots: int, count: int | None) -> None:
         self.close()
