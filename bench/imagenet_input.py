@@ -1,7 +1,7 @@
 """ImageNet input pipeline: how fast one core decodes each recipe's views, and whether decoding ahead of the step
 (data.Prefetcher) hides it behind the step, on a synthetic ImageNet-shaped JPEG folder this script makes.
 
-    python bench/imagenet_input.py            # a few minutes: 1,000 JPEGs, batch 256, --workers = the cores here
+    python bench/imagenet_input.py            # a few minutes: 1,000 JPEGs, batch 512, --workers = the cores here
     python bench/imagenet_input.py --quick    # seconds (the test suite runs it)
 
 1. Images/s on one core (this process, one thread) for the CPU part of each recipe: pre-training's centre crop and
@@ -104,8 +104,8 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="a tiny run in seconds (the test suite's)")
     p.add_argument("--folder", default=None, help="where the synthetic JPEGs go (default: a temporary folder)")
     p.add_argument("--images", type=int, default=1000, help="JPEGs in the synthetic folder")
-    p.add_argument("--batch", type=int, default=256, help="images per step (per process)")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per loader run, after 3 more")
+    p.add_argument("--batch", type=int, default=512, help="images per step and process (the ImageNet recipe's 4096 on 8 GPUs)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per loader run, after 3 more")
     p.add_argument("--step-ms", type=float, nargs="*", default=None,
                    help="emulated step times (default: 0.5, 1 and 2 times the loader's decode time per step)")
     data.add_workers_flag(p)
