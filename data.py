@@ -4,16 +4,29 @@ each stage (Images.pretrain_views, Images.finetune_batch; the augmentations them
 Everything random here is drawn from a torch.Generator seeded by `derive_seed(seed, ...)` with the step
 (and shard) in the key. So the data order and the augmentations of step k are a function of (seed, k)
 alone: a resumed run sees exactly the batches an uninterrupted one would, with no sampler state to save.
+ImageNet's JPEGs are decoded in worker processes ahead of the step that needs them (Prefetcher), with the
+same bytes as decoding them when asked: which images and crops a step gets does not depend on who decodes.
 """
+import argparse
+import atexit
+import collections
+import dataclasses
 import functools
 import hashlib
+import itertools
+import multiprocessing as mp
 import os
 import pickle
+import queue
 import shutil
+import signal
 import tarfile
 import tempfile
+import threading
+import time
+import traceback
 import urllib.request
-from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -107,6 +120,15 @@ def load_cifar10(data_dir: str, split: str) -> tuple[torch.Tensor, torch.Tensor]
 # ----------------------------------------------------------------------------------------------------
 # ImageNet from train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (Pillow, imported only here)
 
+# What each recipe cuts from a decoded JPEG, in order: the released ShortSideResizeCenterCrop ("centre") or a
+# RandomResizedCrop (scale range, PIL resample) from the full-size image. Everything after happens on the device.
+VIEWS = {"centre": ("centre",),
+         "pretrain": ("centre", ((0.08, 1.0), "bilinear"), ((0.08, 1.0), "bilinear")),
+         "weak": ("centre",),
+         "strong": (((0.4, 1.0), "bicubic"),),
+         "autoaug": (((0.08, 1.0), "bicubic"),)}
+
+
 def short_side_centre_crop(im, size: int = 224):
     """The released ShortSideResizeCenterCrop (rrcm_tune.py; center_crop_arr in dataset.py), used for
     validation, the consistency branch of pre-training and 'weak' fine-tuning: halve with a box filter while
@@ -124,10 +146,37 @@ def _to_tensor(im) -> torch.Tensor:
     return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)
 
 
+def crop_uniforms(n: int, views: str, seed: int) -> np.ndarray:
+    """The uniforms [n, crops, 10, 4] (augment.rrc_boxes) of the random resized crops of n images, from a CPU
+    generator keyed by `seed`: the same whichever process decodes the images, and in whatever pieces."""
+    crops = sum(view != "centre" for view in VIEWS[views])
+    u = torch.rand(crops, n, 10, 4, generator=generator(torch.device("cpu"), seed, "crop"))
+    return u.transpose(0, 1).numpy()
+
+
+def decode_views(path: str, views: str, u: np.ndarray, size: int = 224) -> list[torch.Tensor]:
+    """VIEWS[views] of one image file, uint8 [3, size, size] each; u [crops, 10, 4] are the uniforms of its random
+    resized crops, whose boxes are taken in the full-size image, as the released RandomResizedCrop does."""
+    from PIL import Image
+    try:
+        with Image.open(path) as f:
+            im = f.convert("RGB")  # decodes: a truncated or corrupt file fails here
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise UsageError(f"cannot read the image {path} ({type(e).__name__}: {e})") from None
+    out, uniforms = [], iter(u)
+    for view in VIEWS[views]:
+        if view == "centre":
+            out.append(_to_tensor(short_side_centre_crop(im, size)))
+            continue
+        scale, resample = view
+        top, left, h, w = (int(v) for v in rrc_boxes(torch.from_numpy(next(uniforms))[None], torch.tensor([im.height]),
+                                                     torch.tensor([im.width]), scale))
+        out.append(_to_tensor(im.crop((left, top, left + w, top + h)).resize((size, size), getattr(Image, resample.upper()))))
+    return out
+
+
 class ImageFolder:
-    """Decodes JPEGs per batch in a thread pool. Crops that the released code takes from the full-size image
-    (RandomResizedCrop) are cut here, while decoding, with boxes drawn beforehand from the step's generator;
-    everything after the crop (colour, blur, RandAugment, mixing) happens batched on the device."""
+    """The image files of an ImageNet split (one folder per class, classes in sorted order) and their labels."""
 
     def __init__(self, root: str, size: int = 224):
         if not os.path.isdir(root):
@@ -142,43 +191,237 @@ class ImageFolder:
             raise UsageError(f"no images under {root}")
         self.labels = torch.tensor(labels)
         self.size = size
-        self.pool = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1))
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def _decode(self, path: str, centre: bool, crops: list) -> list[torch.Tensor]:
-        from PIL import Image
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            out = [_to_tensor(short_side_centre_crop(im, self.size))] if centre else []
-            for u, scale, resample in crops:
-                top, left, h, w = (int(v) for v in rrc_boxes(u[None], torch.tensor([im.height]),
-                                                             torch.tensor([im.width]), scale))
-                box = im.crop((left, top, left + w, top + h))
-                out.append(_to_tensor(box.resize((self.size, self.size), resample)))
-            return out
+    def decode(self, idx: torch.Tensor, views: str, seed: int) -> list[torch.Tensor]:
+        """VIEWS[views] of images idx decoded here and now, uint8 [b, 3, size, size] each: the synchronous path
+        (--workers 0), which the Prefetcher's workers reproduce image by image."""
+        u = crop_uniforms(len(idx), views, seed)
+        per_image = [decode_views(self.files[i], views, u[k], self.size) for k, i in enumerate(idx.tolist())]
+        return [torch.stack(v) for v in zip(*per_image)]
 
-    def views(self, idx: torch.Tensor, centre: bool = True, crops: tuple = ()) -> list[torch.Tensor]:
-        """uint8 [b, 3, size, size] tensors: the centre crop if `centre`, then one random resized crop per
-        (u [b, 10, 4], scale, PIL resample) in `crops`."""
-        jobs = [(self.files[i], centre, [(u[k], s, r) for u, s, r in crops]) for k, i in enumerate(idx.tolist())]
-        decoded = list(self.pool.map(lambda job: self._decode(*job), jobs))
-        return [torch.stack(parts) for parts in zip(*decoded)]
 
-    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.views(idx)[0]
+# ----------------------------------------------------------------------------------------------------
+# Decoding ahead of the step: worker processes, shared-memory slots, pinned memory, a copy stream
 
+UNIT = 8  # images per worker task: messages cost nothing beside decoding 8 JPEGs, and the workers stay balanced
+AHEAD = 2  # steps (or chunks) being decoded at once: the workers start the next while the last one's stragglers finish
+
+
+def cores_per_process() -> int:
+    """The cores this process may run on, shared with the other processes torchrun started on this node."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _worker_count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of processes (0 or more)")
+    return int(text)
+
+
+def add_workers_flag(parser) -> None:
+    """--workers, for every script that reads ImageNet."""
+    parser.add_argument("--workers", type=_worker_count, default=cores_per_process(),
+                        help="ImageNet: processes decoding JPEGs ahead of the batches that need them, per process "
+                             "(default: the cores available to each process on this node; 0: decode in this process, "
+                             "each batch when it is asked for). More than the cores helps only when reading the files "
+                             "waits on a network file system")
+
+
+def _context():
+    """forkserver (spawn where there is none), never fork: a forked child of a process that has initialised CUDA
+    cannot use it and can deadlock on locks copied mid-use. The server imports this module once; each worker is
+    then a fork of the server, ready in milliseconds."""
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        ctx.set_forkserver_preload([__name__])
+    return ctx
+
+
+def _decode_worker(slots: list[torch.Tensor], views: str, size: int, tasks, results) -> None:
+    """A worker: decode each task's images into its rows of a shared slot, then report the slot (or the error)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group; the main process decides
+    torch.set_num_threads(1)  # one core per worker: --workers counts cores
+    results.cancel_join_thread()  # a worker ends by terminate(): nothing it has queued needs flushing
+    parent = mp.parent_process()
+    while True:
+        try:
+            slot, row, paths, u = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if not parent.is_alive():  # the main process died without closing us (SIGKILL, os._exit): no orphans
+                return
+            continue
+        try:
+            for k, path in enumerate(paths):
+                for v, view in enumerate(decode_views(path, views, u[k], size)):
+                    slots[slot][v, row + k] = view
+            results.put((slot, None))
+        except UsageError as e:
+            results.put((slot, UsageError(str(e))))
+        except Exception:
+            results.put((slot, RuntimeError(f"a JPEG decoding worker failed:\n{traceback.format_exc()}")))
+
+
+@dataclasses.dataclass
+class _Request:
+    idx: torch.Tensor
+    seed: int
+    slot: int
+    tasks: int  # not yet reported
+    error: Exception | None = None
+
+
+class _Closed(Exception):
+    pass
+
+
+class Prefetcher:
+    """Decodes VIEWS[views] of the coming requests while the caller's step runs. `requests` yields (idx, seed) in
+    the order the caller will `take` them (at most `rows` images each; `count` of them, or endless if None). Each
+    is decoded into a shared-memory slot by `workers` processes, UNIT images a task, `slots` requests at a time;
+    a thread of this process moves each whole request, in order, to the device (on a GPU from pinned memory, on a
+    stream of its own, so the copy overlaps the step) and keeps one there ahead of the caller."""
+
+    def __init__(self, folder: ImageFolder, views: str, requests, rows: int, slots: int, workers: int,
+                 device: torch.device, count: int | None = None):
+        ctx = _context()
+        self.folder, self.views, self.requests, self.device, self.left = folder, views, requests, device, count
+        shape = (len(VIEWS[views]), rows, 3, folder.size, folder.size)
+        self.slots = [torch.empty(shape, dtype=torch.uint8).share_memory_() for _ in range(slots)]
+        self.unit = max(1, min(UNIT, rows // workers))
+        self.tasks, self.results = ctx.Queue(), ctx.Queue()
+        self.tasks.cancel_join_thread()  # tasks still queued at exit are dropped, not flushed to stopped workers
+        self.workers = [ctx.Process(target=_decode_worker, args=(self.slots, views, folder.size, self.tasks, self.results),
+                                    daemon=True) for _ in range(workers)]
+        for p in self.workers:
+            p.start()
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.ready, self.closing = queue.Queue(maxsize=1), False
+        self.thread = threading.Thread(target=self._feed, daemon=True)
+        self.thread.start()
+        atexit.register(self.close)  # runs before multiprocessing's exit handler, which would only SIGTERM the workers
+
+    def take(self, idx: torch.Tensor, views: str, seed: int) -> list[torch.Tensor]:
+        """The next request's views on the device, once they are there; (idx, views, seed) must be the request's."""
+        item = self._get()
+        if isinstance(item, Exception):
+            raise item
+        want_idx, want_seed, (out, copied) = item
+        if views != self.views or seed != want_seed or not torch.equal(idx.cpu(), want_idx):
+            raise RuntimeError("the batch asked for is not the one prefetched: the loop and its prefetch plan disagree")
+        if copied is not None:  # the caller's stream waits for the copy; the allocator for the caller's use
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(copied)
+            for v in out:
+                v.record_stream(stream)
+        if self.left is not None:
+            self.left -= 1
+        return out
+
+    def close(self) -> None:
+        """Stop the workers and the thread (also run at exit); the shared slots go with this object."""
+        atexit.unregister(self.close)
+        self.closing = True
+        for p in self.workers:
+            p.terminate()  # workers hold nothing that needs a graceful end
+        for p in self.workers:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        if threading.current_thread() is not self.thread:
+            self.thread.join()
+        self.tasks.close()
+        self.results.close()
+
+    def _feed(self) -> None:
+        """The thread: keep every slot decoding a request; ship the oldest to the device once all its tasks are in."""
+        pending, free, shipped = collections.deque(), list(range(len(self.slots))), None
+        try:
+            while True:
+                while free and (request := next(self.requests, None)) is not None:
+                    pending.append(self._submit(*request, free.pop()))
+                if shipped is not None:
+                    self._put(shipped)  # after refilling the slots: the workers decode while the caller is busy
+                if not pending:
+                    return self._put(RuntimeError("asked for more batches than the prefetch plan holds"))
+                while pending[0].tasks:  # tasks report in any order, from any request in flight
+                    slot, error = self._result()
+                    request = next(r for r in pending if r.slot == slot)
+                    request.tasks -= 1
+                    request.error = request.error or error
+                head = pending.popleft()
+                if head.error is not None:  # raised when the caller reaches the request, as the synchronous path would
+                    return self._put(head.error)
+                shipped = (head.idx, head.seed, self._ship(head.slot, len(head.idx)))
+                free.append(head.slot)
+        except _Closed:
+            pass
+        except Exception as e:
+            self._put(e)
+
+    def _submit(self, idx: torch.Tensor, seed: int, slot: int) -> _Request:
+        u = crop_uniforms(len(idx), self.views, seed)
+        paths = [self.folder.files[i] for i in idx.tolist()]
+        for row in range(0, len(paths), self.unit):
+            self.tasks.put((slot, row, paths[row:row + self.unit], u[row:row + self.unit]))
+        return _Request(idx, seed, slot, tasks=-(-len(paths) // self.unit))
+
+    def _ship(self, slot: int, n: int) -> tuple[list[torch.Tensor], "torch.cuda.Event | None"]:
+        views = [self.slots[slot][v, :n] for v in range(len(self.slots[slot]))]
+        if self.stream is None:
+            return [v.to(self.device, copy=True) for v in views], None  # out of the slot, which is refilled next
+        with torch.cuda.stream(self.stream):
+            return [v.pin_memory().to(self.device, non_blocking=True) for v in views], self.stream.record_event()
+
+    def _result(self) -> tuple:
+        while True:
+            try:
+                return self.results.get(timeout=0.1)
+            except queue.Empty:
+                if self.closing:
+                    raise _Closed from None
+                for p in self.workers:
+                    if p.exitcode is not None:
+                        raise UsageError(f"a JPEG decoding worker died (exit code {p.exitcode}): out of memory? "
+                                         f"fewer --workers use less") from None
+
+    def _put(self, item) -> None:
+        while not self.closing:
+            try:
+                return self.ready.put(item, timeout=0.1)
+            except queue.Full:
+                pass
+
+    def _get(self):
+        while True:
+            try:
+                return self.ready.get(timeout=0.1)
+            except queue.Empty:
+                if not self.thread.is_alive() and self.ready.empty():
+                    return RuntimeError("the prefetch thread has stopped")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Datasets as the stages see them
 
 class Images:
     """A dataset as uint8 pixels plus `labels`, served as float batches in [0, 1] on the device with the
-    released code's augmentations. CIFAR-10 sits on the device as one tensor; ImageNet is decoded per batch.
+    released code's augmentations. CIFAR-10 sits on the device as one tensor. ImageNet is decoded per batch:
+    here when the batch is asked for, or, with `workers` > 0 once the loop has said what it will ask for
+    (prefetch_steps, prefetch), ahead of it in that many processes. `wait_seconds` is the time the caller has
+    spent waiting for decoded images, in total (a trainer shows it per step beside images/s).
     `limit` keeps a fixed subset of `limit` images (drawn once with a fixed seed, so classes stay mixed even
     in the class-sorted ImageNet folder; the same subset in every run and process) for quick trials."""
 
-    def __init__(self, dataset: str, data_dir: str, split: str, device: torch.device, limit: int | None = None):
+    def __init__(self, dataset: str, data_dir: str, split: str, device: torch.device, limit: int | None = None,
+                 workers: int = 0):
         _check_data_dir(data_dir)
-        self.dataset, self.device = dataset, device
+        self.dataset, self.device, self.workers = dataset, device, workers
+        self.prefetcher, self.wait_seconds = None, 0.0
         if dataset == "cifar10":
             pixels, labels = load_cifar10(data_dir, split)
         elif dataset == "imagenet":
@@ -202,18 +445,59 @@ class Images:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def prefetch_steps(self, first_step: int, batch: int, seed: int, rank: int, world: int, shards: int, views: str) -> None:
+        """ImageNet: from now on decode this rank's shards of steps first_step, first_step + 1, ... AHEAD steps ahead
+        of the loop, which must ask for them in that order (local_shards), each with its step's generator
+        generator(device, seed, "step", step, shard) and VIEWS[views] ("pretrain" or a fine-tuning augmentation).
+        Nothing on CIFAR-10 or with 0 workers."""
+        def requests():
+            for step in itertools.count(first_step):
+                for shard, idx in local_shards(batch_indices(len(self), batch, step, seed, rank, world), rank, world, shards):
+                    yield idx, derive_seed(seed, "step", step, shard)  # the seed of the step's generator (see views)
+        self._prefetch(views, requests(), batch // shards, AHEAD * (shards // world), None)
+
+    def prefetch(self, chunks: Sequence[torch.Tensor]) -> None:
+        """ImageNet: from now on decode the centre crops of `chunks` ahead of the `batch(chunk)` calls, which must
+        follow in this order. Nothing on CIFAR-10 or with 0 workers."""
+        self._prefetch("centre", ((chunk, 0) for chunk in chunks), max(map(len, chunks), default=0), AHEAD, len(chunks))
+
+    def _prefetch(self, views: str, requests, rows: int, slots: int, count: int | None) -> None:
+        self.close()
+        if self.dataset == "imagenet" and self.workers > 0 and count != 0:
+            self.prefetcher = Prefetcher(self.pixels, views, requests, rows, slots, self.workers, self.device, count)
+
+    def close(self) -> None:
+        """Stop decoding ahead; later batches are decoded when they are asked for."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+
+    def views(self, idx: torch.Tensor, views: str, g: torch.Generator | None = None) -> list[torch.Tensor]:
+        """ImageNet: VIEWS[views] of images idx, uint8 [b, 3, 224, 224] each, on the device: prefetched if a plan
+        covers them, else decoded now. The random resized crops come from a CPU generator keyed by g's seed, so by
+        (seed, step, shard) alone, not from g itself: they are cut where the JPEG is decoded, before the step."""
+        seed = g.initial_seed() if g is not None else 0
+        start = time.perf_counter()
+        if self.prefetcher is None:
+            out = [v.to(self.device) for v in self.pixels.decode(idx.cpu(), views, seed)]
+        else:
+            try:
+                out = self.prefetcher.take(idx, views, seed)
+            except BaseException:  # an unreadable image, a plan mismatch, Ctrl-C while waiting: stop the workers
+                self.close()
+                raise
+            if self.prefetcher.left == 0:
+                self.close()
+        self.wait_seconds += time.perf_counter() - start
+        return out
+
     def _float(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device, non_blocking=True).float() / 255.0
-
-    def _decode(self, idx: torch.Tensor, g: torch.Generator, centre: bool, crops: tuple) -> list[torch.Tensor]:
-        """ImageNet: the centre crop and the random resized crops [(scale, PIL resample), ...] as floats."""
-        boxes = [(torch.rand(len(idx), 10, 4, generator=g, device=g.device).cpu(), s, r) for s, r in crops]
-        return [self._float(v) for v in self.pixels.views(idx.cpu(), centre, boxes)]
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Images as float in [0, 1] and labels, both on the device; ImageNet images are the released
         ShortSideResizeCenterCrop(224) (also its validation transform)."""
-        x = self.pixels[idx.to(self.pixels.device) if torch.is_tensor(self.pixels) else idx]
+        x = self.pixels[idx.to(self.pixels.device)] if self.dataset == "cifar10" else self.views(idx, "centre")[0]
         return self._float(x), self.labels[idx.to(self.device)]
 
     def pretrain_views(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, ...]:
@@ -222,8 +506,7 @@ class Images:
         if self.dataset == "cifar10":
             x, _ = self.batch(idx)
             return (consistency_augment(x, g),) + moco_views(x, g)
-        from PIL import Image
-        x, c1, c2 = self._decode(idx, g, True, [((0.08, 1.0), Image.BILINEAR)] * 2)
+        x, c1, c2 = (self._float(v) for v in self.views(idx, "pretrain", g))
         return consistency_augment(x, g), moco_view(c1, g, 1), moco_view(c2, g, 2)
 
     def finetune_batch(self, idx: torch.Tensor, g: torch.Generator, augment: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -236,17 +519,14 @@ class Images:
         if augment not in FINETUNE_AUGMENTS:
             raise UsageError(f"unknown fine-tuning augmentation {augment!r}; choose one of {', '.join(FINETUNE_AUGMENTS)}")
         y = self.labels[idx.to(self.device)]
-        scale = (0.4, 1.0) if augment == "strong" else (0.08, 1.0)
         if self.dataset == "cifar10":
             x, _ = self.batch(idx)
             if augment == "weak":
                 return x, y
+            scale = (0.4, 1.0) if augment == "strong" else (0.08, 1.0)
             x = random_resized_crop(x, g, scale, mode="bilinear" if augment == "strong" else "bicubic").clamp(0, 1)
-        elif augment == "weak":
-            x = self._decode(idx, g, True, ())[0]
         else:
-            from PIL import Image
-            x = self._decode(idx, g, False, [(scale, Image.BICUBIC)])[0]
+            x = self._float(self.views(idx, augment, g)[0])
         x = random_hflip(x, g)
         return (rand_augment(x, g) if augment == "autoaug" else x), y
 

@@ -446,8 +446,10 @@ def test_imagenet_crops_come_from_the_full_image(tmp_path):
     idx = torch.tensor([1, 0])
     g = data.generator(torch.device("cpu"), 8)
     x, _ = images.finetune_batch(idx, g, "strong")
-    # by hand: the same uniforms give the box in the full 300 x 460 image, cropped then bicubic-resized
-    u = torch.rand(2, 10, 4, generator=data.generator(torch.device("cpu"), 8))
+    # by hand: the boxes' uniforms come from a CPU generator keyed by the step generator's seed and "crop" (not
+    # from the step generator, which the device draws use); the box is in the full 300 x 460 image, cropped then
+    # bicubic-resized
+    u = torch.rand(1, 2, 10, 4, generator=data.generator(torch.device("cpu"), g.initial_seed(), "crop"))[0]
     top, left, h, w = (int(v) for v in augment.rrc_boxes(u[:1], torch.tensor([460]), torch.tensor([300]), (0.4, 1.0)))
     with Image.open(tmp_path / "train" / "n01" / "1.png") as im:
         crop = _from_pil(im.crop((left, top, left + w, top + h)).resize((224, 224), Image.BICUBIC))
