@@ -34,7 +34,7 @@ import torch
 import jobs
 import results
 import smoothing
-from data import Images
+from data import Images, add_workers_flag
 from jobs import SampleProgress, SharedImages, load_checkpoint, model_from_checkpoint
 from model import smoothing_time, to_model_space
 from report import summary, table
@@ -68,7 +68,7 @@ def main(argv=None) -> None:
         dataset = checkpoint["config"]["dataset"]
         precision = jobs.resolve_precision(args.precision, device)
         model = model_from_checkpoint(checkpoint).to(device).eval()
-        test = Images(dataset, args.data_dir, "test", device)
+        test = Images(dataset, args.data_dir, "test", device, workers=args.workers)
         indices = certified_indices(len(test), args.skip or DEFAULT_SKIP[dataset], args.num)
         runs = open_results(args, checkpoint, indices, precision, locks, rank, world)
         for sigma, plan, path, images in runs:
@@ -78,6 +78,7 @@ def main(argv=None) -> None:
             images.announce("compiling the noise loop ..." if args.compile and images.todo else None)
             if args.compile and images.todo:  # compile every batch size the loop will use, outside any image's time
                 smooth.warm_up(test.batch(torch.tensor(images.todo[:1]))[0][0], args.n0, plan.looks if plan else [args.n])
+            test.prefetch([torch.tensor([i]) for i in images.todo[rank::world]])  # ImageNet: decode ahead
             for idx in images:  # this process's images, round by round; rank 0 appends each round's lines
                 x, label = test.batch(torch.tensor([idx]))
                 start, samples = time.time(), None
@@ -215,6 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "CIFAR-10 (500 of 10k), 100 for ImageNet (500 of 50k, one per class: the folder is sorted by class)")
     p.add_argument("--batch", type=jobs.at_least(1), default=1000, help="noisy copies per forward pass (multiple of 100)")
     p.add_argument("--data-dir", default="data", help="where the test images are (CIFAR-10 is downloaded there if missing)")
+    add_workers_flag(p)
     p.add_argument("--out", default=None, help="TSV path; with several sigmas _sigma<sigma> goes before its extension "
                    "(c.tsv: c_sigma0.25.tsv, ...); default out/certify/<checkpoint dir>_sigma<sigma>.tsv")
     p.add_argument("--seed", type=int, default=0, help="seed of the smoothing noise")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import jobs
 import kernels
 from augment import mixup_cutmix
-from data import FINETUNE_AUGMENTS, Images, batch_indices, generator, local_shards, seeded_noise
+from data import FINETUNE_AUGMENTS, Images, add_workers_flag, batch_indices, generator, local_shards, seeded_noise
 from jobs import Trainer, load_checkpoint, model_from_checkpoint, warmup_cosine
 from model import PRESETS, SIGMA_MIN, ViT, noisy_input, smoothing_time, to_model_space, vit_config
 
@@ -90,8 +90,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     run = Trainer(args, "finetune", RUN_KEYS)
     model = build_model(args).to(run.device)
-    train = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images)
-    test = Images(args.dataset, args.data_dir, "test", run.device)
+    train = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images, workers=args.workers)
+    test = Images(args.dataset, args.data_dir, "test", run.device, workers=args.workers)
     steps_per_epoch = len(train) // args.batch
     if steps_per_epoch == 0:
         raise jobs.UsageError(f"--batch {args.batch} is larger than the training set ({len(train)} images)")
@@ -104,8 +104,9 @@ def main(argv=None) -> None:
         model.compile_blocks()
     run.start(model, to_model_space(test.batch(torch.arange(1))[0]), step, total, COPIES * 3,
               f" | {total} steps | peak lr {peak_lr:.3g} | t = {smoothing_time(args.sigma):.4f}")
+    train.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, args.augment)  # ImageNet: decode ahead
 
-    for step in run.steps(step, total, save_also=lambda done: done % steps_per_epoch == 0):
+    for step in run.steps(step, total, save_also=lambda done: done % steps_per_epoch == 0, data=train):
         x_t, t, y_a, y_b, lam = step_inputs(train, step, args, run.rank, run.world, run.device)
         lr = warmup_cosine(step // steps_per_epoch, args.schedule_epochs, args.warmup_epochs, peak_lr)  # set per epoch
         for group in opt.param_groups:
@@ -151,13 +152,16 @@ def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -
 @torch.no_grad()
 def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int, rank: int, world: int, batch: int,
              precision) -> tuple[float, float]:
-    """(clean, noisy) top-1 accuracy on the first `count` test images: clean read at t = sigma_min (the end
-    of the trajectory, as the released evaluation), noisy at the smoothing time of sigma. Noise is seeded
-    per image index, so every epoch sees the same noise."""
+    """(clean, noisy) top-1 accuracy on `count` test images spread evenly over the test set (ImageNet's val folder
+    is sorted by class: the first 10,000 would be 200 classes): clean read at t = sigma_min (the end of the
+    trajectory, as the released evaluation), noisy at the smoothing time of sigma. Noise is seeded per image
+    index, so every epoch sees the same noise."""
     import torch.distributed as dist
     model.eval()
     correct = torch.zeros(2, device=test.labels.device)
-    idx = torch.arange(rank, min(count, len(test)), world)
+    chosen = torch.arange(0, len(test), max(1, len(test) // count))[:count]
+    idx = chosen[rank::world]
+    test.prefetch(idx.split(batch))  # ImageNet: decode ahead of the loop
     for chunk in idx.split(batch):
         x, y = test.batch(chunk)
         eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "eval")
@@ -167,7 +171,7 @@ def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int
     if world > 1:
         dist.all_reduce(correct)
     model.train()
-    n = min(count, len(test))
+    n = len(chosen)
     return (correct[0] / n).item(), (correct[1] / n).item()
 
 
@@ -243,6 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--dataset", default="cifar10", choices=RECIPES, help="picks the recipe")
     g.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
     g.add_argument("--train-images", type=jobs.at_least(1), default=None, help="train on a fixed, seeded subset of N training images (quick trials)")
+    add_workers_flag(g)
     g.add_argument("--sigma", type=jobs.positive, default=0.25, help="noise std in pixel space [0, 1]")
     g.add_argument("--train-head", action="store_true", help="train the linear head of a pre-trained encoder (paper "
                    "text); the released code leaves it at its random init. Always trained with --init scratch")
@@ -270,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cutmix", type=jobs.non_negative, default=None, help="cutmix Beta alpha (0: off): cifar10 0; imagenet 1.0")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
-    g.add_argument("--eval-images", type=jobs.at_least(1), default=10_000, help="test images for the per-epoch accuracies")
+    g.add_argument("--eval-images", type=jobs.at_least(1), default=10_000, help="test images for the per-epoch accuracies, spread evenly over the test set")
     jobs.add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     explicit_smoothing = args.label_smoothing is not None

@@ -317,19 +317,25 @@ def clock(seconds: float) -> str:
 
 
 class StepProgress:
-    """Throughput, elapsed and ETA of a training run, from the steps done in this process (a resumed run's
-    ETA counts only the steps still to do)."""
+    """Throughput, elapsed and ETA of a training run, from the steps done in this process (a resumed run's ETA
+    counts only the steps still to do), and with `data` (an Images) the seconds each step waited for its input:
+    above about 0 the input, not the model, sets the pace."""
 
-    def __init__(self, first_step: int, total: int, images_per_step: int):
+    def __init__(self, first_step: int, total: int, images_per_step: int, data=None):
         self.start, self.first, self.total, self.images = time.time(), first_step, total, images_per_step
         self.last_time, self.last_step, self.rate = self.start, first_step, 0.0
+        self.data, self.last_wait = data, data.wait_seconds if data is not None else 0.0
 
     def line(self, step: int) -> str:
         now = time.time()
         self.rate = (step - self.last_step) * self.images / max(now - self.last_time, 1e-9)  # since the last line
         per_step = (now - self.start) / max(step - self.first, 1)
+        wait = ""
+        if self.data is not None:
+            wait = f" | data wait {(self.data.wait_seconds - self.last_wait) / max(step - self.last_step, 1):.3f} s/step"
+            self.last_wait = self.data.wait_seconds
         self.last_time, self.last_step = now, step
-        return f"{self.rate:.1f} img/s | elapsed {clock(now - self.start)} | ETA {clock(per_step * (self.total - step))}"
+        return f"{self.rate:.1f} img/s{wait} | elapsed {clock(now - self.start)} | ETA {clock(per_step * (self.total - step))}"
 
 
 PROGRESS_EVERY = 30.0  # seconds between certification progress lines inside one image
@@ -571,11 +577,12 @@ class Trainer:
             self.say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (total - first))} "
                      f"for the {total - first} steps to go")
 
-    def steps(self, first: int, total: int, save_also: Callable[[int], bool] = lambda done: False) -> Iterator[int]:
+    def steps(self, first: int, total: int, save_also: Callable[[int], bool] = lambda done: False, data=None) -> Iterator[int]:
         """Steps first .. total - 1. After each: a checkpoint every --save-every steps, at the last, and where
-        `save_also(steps done)`; otherwise a SIGINT/SIGTERM received during it saves and exits."""
+        `save_also(steps done)`; otherwise a SIGINT/SIGTERM received during it saves and exits. With `data` (an
+        ImageNet Images) the log says how long each step waited for it."""
         with StopSignal() as stop:
-            self.progress = StepProgress(first, total, self.args.batch)
+            self.progress = StepProgress(first, total, self.args.batch, data if getattr(data, "dataset", "") == "imagenet" else None)
             for step in range(first, total):
                 yield step
                 done = step + 1

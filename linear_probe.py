@@ -19,7 +19,7 @@ import torch
 
 import jobs
 import kernels
-from data import Images, generator, seeded_noise
+from data import Images, add_workers_flag, generator, seeded_noise
 from jobs import clock, load_checkpoint, model_from_checkpoint
 from model import SIGMA_MIN, ViT, noisy_input, to_model_space
 
@@ -38,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = jobs.Parser("linear_probe.py", "linear probing of a pre-trained rRCM encoder")
     p.add_argument("--checkpoint", default="out/pretrain/ckpt.pt", help="a pretrain.py checkpoint")
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
+    add_workers_flag(p)
     p.add_argument("--sigmas", type=sigma_list, default="0,0.25,0.5,1.0", help="test noise levels in pixel space (comma-separated)")
     p.add_argument("--train-images", type=jobs.at_least(1), default=50_000, help="clean training images the head is fitted on (the first N)")
     p.add_argument("--test-images", type=jobs.at_least(1), default=10_000, help="test images (the first N)")
@@ -60,6 +61,7 @@ def representations(model: ViT, images: Images, count: int, sigma: float, seed: 
     feats, labels = [], []
     total = min(count, len(images))
     start = last = time.time()
+    images.prefetch(torch.arange(total).split(batch))  # ImageNet: decode ahead of the loop
     for chunk in torch.arange(total).split(batch):
         x, y = images.batch(chunk)
         if sigma == 0:
@@ -97,7 +99,7 @@ def main(argv=None) -> None:
     ckpt = load_checkpoint(args.checkpoint, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()
     dataset = ckpt["config"]["dataset"]
-    train, test = Images(dataset, args.data_dir, "train", device), Images(dataset, args.data_dir, "test", device)
+    train, test = (Images(dataset, args.data_dir, split, device, workers=args.workers) for split in ("train", "test"))
     norm = dataset == "imagenet"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"linear probe of {args.checkpoint} (step {ckpt['step']}) on {where}: head fitted on "

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 import jobs
 import kernels
-from data import Images, batch_indices, generator, local_shards
+from data import Images, add_workers_flag, batch_indices, generator, local_shards
 from jobs import Trainer, gather_rows, warmup_cosine
 from model import PRESETS, SIGMA_MIN, ViT, edm_sigmas, global_batchnorm, to_model_space, vit_config
 
@@ -121,7 +121,7 @@ def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: fl
 def main(argv=None) -> None:
     args = parse_args(argv)
     run = Trainer(args, "pretrain", RUN_KEYS)
-    data = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images)
+    data = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images, workers=args.workers)
     if args.batch > len(data):
         raise jobs.UsageError(f"--batch {args.batch} is larger than the training set ({len(data)} images)")
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -140,8 +140,9 @@ def main(argv=None) -> None:
         model.compile_blocks()
         target.compile_blocks()
     run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args.symmetric))
+    data.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, "pretrain")  # ImageNet: decode ahead
 
-    for step in run.steps(step, args.steps):
+    for step in run.steps(step, args.steps, data=data):
         N = num_scales(step, args.steps)
         sigmas = edm_sigmas(N).tolist()
         n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
@@ -222,6 +223,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--train-images", type=jobs.at_least(1), default=None, help="train on a fixed, seeded subset of N "
                    "training images (quick trials)")
     g.add_argument("--preset", default="B", choices=PRESETS, help="paper Table 3 (tiny: ours, for CPUs and tests)")
+    add_workers_flag(g)
     g = p.add_argument_group("optimisation (unset: the --dataset recipe's value)")
     g.add_argument("--steps", type=jobs.at_least(1), default=None, help=recipe_help("steps"))
     g.add_argument("--batch", type=jobs.at_least(1), default=None, help="global batch, split across ranks: " + recipe_help("batch"))

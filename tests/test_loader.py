@@ -15,7 +15,7 @@ import torch
 
 import data
 from conftest import ROOT
-from model import UsageError
+from jobs import UsageError
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SEED, BATCH, SHARDS = 5, 4, 2
@@ -225,3 +225,35 @@ def test_input_benchmark_runs_in_quick_mode(tmp_path, capsys):
     for views in ("pretrain", "weak", "strong", "autoaug"):
         assert re.search(rf"^  {views} +\d+\.\d ", out, re.M), out
     assert re.search(r"max\(step, decode\) +step \+ decode", out) and "rRCM-B: 35.3 GFLOP" in out, out
+
+
+def test_the_stages_on_imagenet_give_the_same_results_with_and_without_workers(tmp_path):
+    """pretrain.py, finetune.py (its per-epoch evaluation too), certify.py and linear_probe.py as a user runs them on
+    a tiny ImageNet, with --workers 2 and with --workers 0: the same weights, evaluation and certificates."""
+    import certify
+    import finetune
+    import linear_probe
+    import pretrain
+    from conftest import FAST
+    from jobs import load_checkpoint
+    write_jpegs(tmp_path, "train", classes=2, per_class=4)
+    write_jpegs(tmp_path, "val", classes=2, per_class=2, seed=1)
+    fast = [*FAST, "--data-dir", str(tmp_path)]
+    outputs = {}
+    for workers in ("0", "2"):
+        out = tmp_path / f"w{workers}"
+        pretrain.main(["--dataset", "imagenet", "--preset", "tiny", "--steps", "2", "--batch", "4", "--warmup", "0",
+                       "--workers", workers, "--out", str(out / "pre"), *fast])
+        finetune.main(["--dataset", "imagenet", "--init", str(out / "pre" / "ckpt.pt"), "--epochs", "1", "--batch", "4",
+                       "--eval-images", "3", "--workers", workers, "--out", str(out / "ft"), *fast])
+        certify.main(["--checkpoint", str(out / "ft" / "ckpt.pt"), "--sigma", "0.5", "--n0", "10", "--n", "20", "--batch", "100",
+                      "--num", "3", "--skip", "1", "--workers", workers, "--out", str(out / "c.tsv"), *fast])
+        outputs[workers] = dict(pre=load_checkpoint(str(out / "pre" / "ckpt.pt"), "pretrain")["model"],
+                                ft=load_checkpoint(str(out / "ft" / "ckpt.pt"), "finetune")["model"],
+                                tsv=["\t".join(line.split("\t")[:5]) for line in (out / "c.tsv").read_text().splitlines()],
+                                log=[line for line in (out / "ft" / "log.txt").read_text().splitlines() if line.startswith("epoch")])
+    for stage in ("pre", "ft"):
+        assert all(torch.equal(outputs["0"][stage][k], outputs["2"][stage][k]) for k in outputs["0"][stage]), stage
+    assert outputs["0"]["tsv"] == outputs["2"]["tsv"] and len(outputs["0"]["tsv"]) == 4
+    assert outputs["0"]["log"] == outputs["2"]["log"] and len(outputs["0"]["log"]) == 1
+    assert "data wait" in (tmp_path / "w2" / "pre" / "log.txt").read_text()
