@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections import Counter
 from dataclasses import asdict, dataclass
 from typing import NamedTuple
@@ -336,14 +337,39 @@ def section_kernels(s: Section) -> tuple[str, str]:
     return status_of(ran), ("Tables measured before the cut:\n\n" + ran.output.strip() if ran.timed_out else tail(ran.output))
 
 
+# The scripts' command lines, one function each, so that tests/test_gpu_check.py can parse the GPU plan's with
+# the scripts' own parsers on a CPU.
+
+def certify_command(plan: dict, work: str) -> list[str]:
+    return [sys.executable, "certify.py", "--checkpoint", os.path.join(work, "finetune", "ckpt.pt"), "--data-dir", work,
+            "--sigma", "0.25", "--n", str(plan["certify"]["n"]), "--num", str(plan["certify"]["num"]), "--skip", "1",
+            "--batch", str(plan["certify"]["batch"]), "--precision", plan["precision"], "--out", os.path.join(work, "certify.tsv"),
+            *plan["script_flags"]]
+
+
+def pretrain_command(plan: dict, work: str) -> list[str]:
+    return [sys.executable, "pretrain.py", "--data-dir", work, "--preset", plan["preset"], "--steps", str(plan["pretrain"]["steps"]),
+            "--batch", str(plan["pretrain"]["batch"]), "--log-every", str(plan["pretrain"]["log_every"]), "--precision",
+            plan["precision"], "--out", os.path.join(work, "pretrain"), *plan["script_flags"]]
+
+
+def e2e_commands(plan: dict, work: str, kernels: str) -> list[list[str]]:
+    """Pre-train, fine-tune and certify the tiny preset with these kernels, in work/<kernels>/."""
+    out = os.path.join(work, kernels)
+    steps = [["pretrain.py", "--preset", "tiny", *plan["e2e"]["pretrain"], "--out", os.path.join(out, "pretrain")],
+             ["finetune.py", "--init", os.path.join(out, "pretrain", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["finetune"],
+              "--out", os.path.join(out, "finetune")],
+             ["certify.py", "--checkpoint", os.path.join(out, "finetune", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["certify"],
+              "--out", os.path.join(out, "certify.tsv")]]
+    return [[sys.executable, *step, "--data-dir", work, "--kernels", kernels] for step in steps]
+
+
 def section_certify(s: Section) -> tuple[str, str]:
     plan = s.plan["certify"]
     write_cifar(s.work, n_train=5 * 8, n_test=plan["num"])
-    ckpt, tsv = os.path.join(s.work, "finetune", "ckpt.pt"), os.path.join(s.work, "certify.tsv")
-    write_finetune_checkpoint(ckpt, s.plan["preset"])
-    cmd = [sys.executable, "certify.py", "--checkpoint", ckpt, "--data-dir", s.work, "--sigma", "0.25", "--n", str(plan["n"]),
-           "--num", str(plan["num"]), "--skip", "1", "--batch", str(plan["batch"]), "--precision", s.plan["precision"],
-           "--out", tsv, *s.plan["script_flags"]]
+    tsv = os.path.join(s.work, "certify.tsv")
+    write_finetune_checkpoint(os.path.join(s.work, "finetune", "ckpt.pt"), s.plan["preset"])
+    cmd = certify_command(s.plan, s.work)
     ran = s.run(cmd)
     seconds = certify_seconds(tsv)  # the images certified before a cut too
     if not seconds:
@@ -368,9 +394,7 @@ def section_certify(s: Section) -> tuple[str, str]:
 def section_pretrain(s: Section) -> tuple[str, str]:
     plan = s.plan["pretrain"]
     write_cifar(s.work, n_train=2 * plan["batch"], n_test=10)
-    cmd = [sys.executable, "pretrain.py", "--data-dir", s.work, "--preset", s.plan["preset"], "--steps", str(plan["steps"]),
-           "--batch", str(plan["batch"]), "--log-every", str(plan["log_every"]), "--precision", s.plan["precision"],
-           "--out", os.path.join(s.work, "pretrain"), *s.plan["script_flags"]]
+    cmd = pretrain_command(s.plan, s.work)
     ran = s.run(cmd)
     try:
         images_per_s, logged_mfu, step = pretrain_rates(ran.output)
@@ -394,22 +418,15 @@ def section_e2e(s: Section) -> tuple[str, str]:
     images = partial_cifar(s.data_dir, s.work)
     rows, lines = [], []
     for kernels in ("triton", "torch"):
-        out = os.path.join(s.work, kernels)
-        steps = [["pretrain.py", "--preset", "tiny", *s.plan["e2e"]["pretrain"], "--out", os.path.join(out, "pretrain")],
-                 ["finetune.py", "--init", os.path.join(out, "pretrain", "ckpt.pt"), "--sigma", "0.25", *s.plan["e2e"]["finetune"],
-                  "--out", os.path.join(out, "finetune")],
-                 ["certify.py", "--checkpoint", os.path.join(out, "finetune", "ckpt.pt"), "--sigma", "0.25", *s.plan["e2e"]["certify"],
-                  "--out", os.path.join(out, "certify.tsv")]]
         start = time.perf_counter()
-        for step in steps:
-            cmd = [sys.executable, *step, "--data-dir", s.work, "--kernels", kernels]
+        for cmd in e2e_commands(s.plan, s.work, kernels):
             ran = s.run(cmd, interpret=kernels == "triton" and not s.gpu)
             if not ran.ok:
                 done = "".join(f"- {line}\n" for line in lines)
                 return status_of(ran), f"{done}\n`{' '.join(cmd[1:])}` {'was cut off' if ran.timed_out else 'failed'}:\n\n" + tail(ran.output)
-            if step[0] == "finetune.py":
+            if cmd[1] == "finetune.py":
                 lines.append(f"{kernels}: " + next((l for l in reversed(ran.output.splitlines()) if l.startswith("epoch")), "?"))
-        rows.append((kernels, os.path.join(out, "certify.tsv"), time.perf_counter() - start))
+        rows.append((kernels, os.path.join(s.work, kernels, "certify.tsv"), time.perf_counter() - start))
     import report
     runs = [report.read_tsv(tsv) for _, tsv, _ in rows]
     table = report.table([f"kernels {k} ({t:.0f} s)" for k, _, t in rows], runs)
@@ -447,8 +464,12 @@ def device_line(gpu: bool) -> str:
     if not gpu:
         return f"CPU ({os.cpu_count()} cores), Triton interpreter, toy sizes, tiny preset; {versions}. Timings say nothing."
     major, minor = torch.cuda.get_device_capability()
-    driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True)
-    return (f"{torch.cuda.get_device_name()} (sm_{major}{minor}), driver {driver.stdout.strip() or '?'}, CUDA {torch.version.cuda}, "
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
+                                text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):  # no nvidia-smi: the report still comes
+        driver = ""
+    return (f"{torch.cuda.get_device_name()} (sm_{major}{minor}), driver {driver or '?'}, CUDA {torch.version.cuda}, "
             f"{os.cpu_count()} host cores; {versions}")
 
 
@@ -539,7 +560,10 @@ def main(argv: list[str] | None = None) -> int:
             began = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
                 section = Section(plan, gpu, log, work, began + min(caps[name], left), args.data_dir)
-                status, body = RUNNERS[name](section)
+                try:
+                    status, body = RUNNERS[name](section)
+                except Exception:  # a fault of this script's own: the next sections still run
+                    status, body = "FAILED", "gpu_check.py itself failed:\n\n" + tail(traceback.format_exc(), 40)
             outcomes[name] = Outcome(status, time.perf_counter() - began, body)
             write_report(report, head, caps, outcomes)
             print(f"gpu_check: {name}: {status} ({outcomes[name].seconds:.0f} s)", flush=True)

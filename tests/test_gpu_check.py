@@ -120,6 +120,32 @@ def test_the_gpu_test_list_names_tests_that_exist():
             assert param == "" or param.rstrip("]") in ids, node
 
 
+def test_the_gpu_plan_command_lines_pass_the_scripts_parsers(tmp_path):
+    """The GPU plan's own values (rRCM-B, bf16, --batch 10,000, the e2e sizes) through the scripts' parsers: a
+    flag renamed or a value refused would otherwise show first on the GPU, where the toy run's values differ."""
+    import certify
+    import finetune
+    import pretrain
+    parsers = {"pretrain.py": pretrain.parse_args, "finetune.py": finetune.parse_args, "certify.py": certify.parse_args}
+    plan, work = gpu_check.GPU_PLAN, str(tmp_path)
+    commands = [gpu_check.certify_command(plan, work), gpu_check.pretrain_command(plan, work)]
+    commands += [cmd for kernels in ("triton", "torch") for cmd in gpu_check.e2e_commands(plan, work, kernels)]
+    assert [cmd[1] for cmd in commands] == ["certify.py", "pretrain.py"] + ["pretrain.py", "finetune.py", "certify.py"] * 2
+    for cmd in commands:
+        parsers[cmd[1]](cmd[2:])  # exits with argparse's one line on a refusal
+
+
+def test_a_section_that_breaks_gpu_check_itself_is_reported_and_the_next_ones_run(tmp_path, monkeypatch):
+    def broken(section):
+        raise KeyError("oops")
+    monkeypatch.setitem(gpu_check.RUNNERS, "tests", broken)
+    monkeypatch.setitem(gpu_check.RUNNERS, "kernels", lambda section: ("passed", "measured"))
+    out = tmp_path / "out"
+    assert gpu_check.main(["--cpu-tiny", "--only", "tests,kernels", "--out", str(out)]) == 1
+    report = (out / "report.md").read_text()
+    assert "| tests | FAILED |" in report and "KeyError: 'oops'" in report and "| kernels | passed |" in report
+
+
 def test_a_command_past_its_time_is_killed_with_its_children_even_when_silent(tmp_path):
     """A section's cap holds against a hang that prints nothing and against children in sessions of their
     own that keep the output pipe open (as torchrun starts its ranks): all sleep 20 s, the cap is 1 s."""
