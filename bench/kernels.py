@@ -2,6 +2,7 @@
 attention, torch's scaled_dot_product_attention), at the shapes of rRCM-B. Ratios come from one run.
 
     python bench/kernels.py            # on a GPU: the real shapes, bf16 and fp32 (markdown tables)
+    python bench/kernels.py --quick    # bf16 only, the shapes bench/gpu_check.py reports (half a minute on a GPU)
     python bench/kernels.py --tiny     # toy shapes, bf16 only: seconds under the interpreter (gpu_check.py --cpu-tiny)
 In the fp32 tables the fused kernels multiply as 3xTF32 (kernels/launch.py: dot) and the references
 in IEEE fp32 (torch's default, TF32 off). On a machine without CUDA it runs every measurement at toy shapes (batch / 64 for attention and
@@ -33,6 +34,8 @@ SHRINK_INFO_NCE = 1 if GPU else 512
 ATTENTION = [("CIFAR-10", 256, 12, 66), ("ImageNet", 64, 12, 198)]
 INFO_NCE = [(B, D) for B in (4096, 8192, 16384, 32768) for D in (256, 768)]  # B = M; projector 256, width 768
 CROSS_ENTROPY = [(2048, 10), (2048, 1000)]
+# --quick: InfoNCE at the pre-training batches that matter (rRCM-B's 1024 x 4 views, and 16384), D = the projector's 256
+QUICK_INFO_NCE = [(4096, 256), (16384, 256)]
 # --tiny: one head, a few rows, so every measurement runs in well under a second in the interpreter
 TINY = dict(attention=[("CIFAR-like", 1, 1, 18), ("ImageNet-like", 1, 1, 34)], info_nce=[(8, 32)],
             cross_entropy=[(4, 10), (4, 1000)])
@@ -109,22 +112,23 @@ def cross_entropy_rows(dtype, shapes: list) -> list:
     return rows
 
 
-def shapes(tiny: bool) -> dict:
+def shapes(tiny: bool, quick: bool) -> dict:
     if tiny:
         return TINY
     return dict(attention=[(n, max(1, B // SHRINK), H, L) for n, B, H, L in ATTENTION],
-                info_nce=[(B // SHRINK_INFO_NCE, D) for B, D in INFO_NCE],
+                info_nce=[(B // SHRINK_INFO_NCE, D) for B, D in (QUICK_INFO_NCE if quick else INFO_NCE)],
                 cross_entropy=[(B // SHRINK, C) for B, C in CROSS_ENTROPY])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description="fused kernels against their PyTorch references")
+    p.add_argument("--quick", action="store_true", help="bf16 only; InfoNCE at B = M = 4096 and 16384, D 256 (bench/gpu_check.py)")
     p.add_argument("--tiny", action="store_true", help="toy shapes only (seconds under the CPU interpreter)")
-    tiny = p.parse_args().tiny
-    sizes = shapes(tiny)
+    args = p.parse_args()
+    sizes = shapes(args.tiny, args.quick)
     where = torch.cuda.get_device_name() if GPU else "CPU, Triton interpreter, toy shapes (timings meaningless)"
     print(f"device: {where}; torch {torch.__version__}")
-    for dtype in (torch.bfloat16,) if tiny else (torch.bfloat16, torch.float32):
+    for dtype in (torch.bfloat16,) if args.tiny or args.quick else (torch.bfloat16, torch.float32):
         print(table(f"attention fwd+bwd, {dtype}", attention_rows(dtype, sizes["attention"])))
         print(table(f"InfoNCE fwd+bwd (tau 0.2), {dtype}", info_nce_rows(dtype, sizes["info_nce"])))
         print(table(f"cross-entropy fwd+bwd, {dtype}", cross_entropy_rows(dtype, sizes["cross_entropy"])))
