@@ -213,8 +213,11 @@ def info_nce_triton(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 
 
 
 def info_nce_reference(q: torch.Tensor, k: torch.Tensor, tau: float, offset: int = 0) -> torch.Tensor:
-    """Plain PyTorch InfoNCE (stores the B x M logits), the definition the kernel is tested against."""
+    """Plain PyTorch InfoNCE (stores the B x M logits), the definition the kernel is tested against. Computed as the
+    kernel computes it on every device: products of the given values summed in fp32, the log-sum-exp in fp32 (autocast
+    is off here, or it would round the logits to bf16 on a CPU)."""
     wide = torch.promote_types(torch.promote_types(q.dtype, k.dtype), torch.float32)  # fp32 (float64 for gradcheck)
-    logits = q.to(wide) @ k.to(wide).T / tau
-    positive = logits[torch.arange(q.shape[0], device=q.device), offset + torch.arange(q.shape[0], device=q.device)]
-    return torch.logsumexp(logits, dim=1) - positive  # in fp32, as the fused op returns it
+    with torch.autocast(q.device.type, enabled=False):
+        logits = q.to(wide) @ k.to(wide).T / tau
+        positive = logits[torch.arange(q.shape[0], device=q.device), offset + torch.arange(q.shape[0], device=q.device)]
+        return torch.logsumexp(logits, dim=1) - positive
