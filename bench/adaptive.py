@@ -44,9 +44,28 @@ def paths(p: np.ndarray, looks: list[int], rng) -> np.ndarray:
     return np.cumsum(rng.binomial(np.diff([0, *looks]), p[:, None]), axis=1)
 
 
-def image_mix(images: int, rng) -> np.ndarray:
-    return np.concatenate([rng.uniform(0.99, 1.0, images // 2), rng.uniform(0.7, 0.9, images // 4),
-                           rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
+# p_A of the selected class, as (share of the images, low, high) of uniform components. The README's: half the
+# images clear (U(0.99, 1)), a quarter uncertain (U(0.7, 0.9)), a quarter abstaining (U(0.3, 0.5): g does not
+# return the selected class).
+README_MIX = ((0.5, 0.99, 1.0), (0.25, 0.7, 0.9), (0.25, 0.3, 0.5))
+
+
+def image_mix(images: int, rng, mix=README_MIX) -> np.ndarray:
+    """p_A of `images` simulated images: int(share x images) from each component, the last one the rest."""
+    sizes = [int(share * images) for share, _, _ in mix[:-1]]
+    sizes.append(images - sum(sizes))
+    return np.concatenate([rng.uniform(low, high, size) for (_, low, high), size in zip(mix, sizes)])
+
+
+def smallest_wrong_count(plan: smoothing.AdaptivePlan, k: int, truth: float | None) -> int:
+    """The least nA at look k whose certificate (the library's radius) is wrong: any certificate if truth is None
+    (p_A < 1/2: g does not return A), else one larger than truth. The radius grows with nA: bisection, ~17 calls."""
+    wrong = lambda c: (r := plan.radius(k, c)) is not None and (truth is None or r > truth)
+    low, high = 0, plan.looks[k] + 1
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if wrong(mid) else (mid + 1, high)
+    return low
 
 
 def replay(plan: smoothing.AdaptivePlan, p: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +86,7 @@ def failure_rates(plan: smoothing.AdaptivePlan, trials: int, rng) -> dict[float,
     targets = [0.5 if r == 0 else norm.cdf(r / plan.sigma) for r in plan.radii]
     for p in sorted({t + d for t in targets for d in (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)}):
         truth = plan.sigma * norm.ppf(p) if p >= 0.5 else None
-        first_wrong = []
-        for k, m in enumerate(plan.looks):  # least nA at look k with a wrong certificate (the radius grows with nA)
-            low, high = 0, m + 1
-            while low < high:
-                mid = (low + high) // 2
-                r = plan.radius(k, mid)
-                low, high = (low, mid) if r is not None and (truth is None or r > truth) else (mid + 1, high)
-            first_wrong.append(low)
+        first_wrong = [smallest_wrong_count(plan, k, truth) for k in range(len(plan.looks))]
         stop, n_a = plan.replay(paths(np.full(trials, p), plan.looks, rng))
         rates[p] = float(np.mean(n_a >= np.asarray(first_wrong)[stop]))
     return rates

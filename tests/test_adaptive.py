@@ -2,18 +2,23 @@
 reported radii), simulated: binomial counts of a base classifier with known p_A drive the library's stopping
 rule. Sound at every p_A around every reported radius (and not without the alpha split), >= 10x fewer samples
 than CERTIFY on a mix of images, and the certified-accuracy table of CERTIFY on the same counts."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
 import smoothing
+from conftest import ROOT
+
+# The simulation's building blocks live in bench/adaptive.py (paths, image_mix, smallest_wrong_count), one copy.
+spec = importlib.util.spec_from_file_location("adaptive", os.path.join(ROOT, "bench", "adaptive.py"))
+adaptive = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(adaptive)
+paths, image_mix, smallest_wrong_count = adaptive.paths, adaptive.image_mix, adaptive.smallest_wrong_count
 
 N, ALPHA, SIGMAS, RADII = 100_000, 0.001, (0.25, 0.5, 1.0), [0.0, 0.25, 0.5, 0.75, 1.0]
-
-
-def paths(p: np.ndarray, looks: list[int], rng) -> np.ndarray:
-    """[len(p), K]: how often class A (probability p) wins among the first looks[k] samples, one path per p."""
-    return np.cumsum(rng.binomial(np.diff([0, *looks]), p[:, None]), axis=1)
 
 
 def adaptive_results(plan: smoothing.AdaptivePlan, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -57,17 +62,6 @@ TOLERANCE = int(binom.ppf(1 - 1e-5, TRIALS, ALPHA))
 OFFSETS = (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)  # p_A just below each threshold (the true radius a hair under r), at, above
 
 
-def smallest_wrong_count(plan: smoothing.AdaptivePlan, k: int, truth: float) -> int:
-    """The least nA at look k whose certificate (the library's radius) is wrong: any certificate if truth is None,
-    else one larger than truth. The radius grows with nA, so bisection finds it in ~17 calls of plan.radius."""
-    wrong = lambda c: (r := plan.radius(k, c)) is not None and (truth is None or r > truth)
-    low, high = 0, plan.looks[k] + 1
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if wrong(mid) else (mid + 1, high)
-    return low
-
-
 def wrong_certificates(sigma: float, rng, offsets: tuple = OFFSETS) -> dict[float, int]:
     """For p_A on both sides of every reported radius's threshold Phi(r / sigma): how many of TRIALS runs certify a
     radius larger than the true one, sigma Phi^-1(p_A) (for p_A < 1/2 any certificate: g does not return A)."""
@@ -103,13 +97,6 @@ def test_without_the_alpha_split_the_same_check_fails(monkeypatch):
 
 # ----------------------------------------------------------------------------------------------------
 # Samples and agreement with fixed n
-
-def image_mix(images: int, rng) -> np.ndarray:
-    """p_A of the selected class: half the images clear (U(0.99, 1)), a quarter uncertain (U(0.7, 0.9)), a
-    quarter abstaining (U(0.3, 0.5): g does not return the selected class)."""
-    return np.concatenate([rng.uniform(0.99, 1.0, images // 2), rng.uniform(0.7, 0.9, images // 4),
-                           rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
-
 
 def test_paper_protocol_saves_10x_and_keeps_the_table():
     """40,000 simulated images per sigma, each certified adaptively and fixed-n from the same sample path: at least
