@@ -17,13 +17,16 @@ fraction of table rows that differ from fixed-n's on the same counts, failure ra
 (with and without the alpha split), and the same for alternative looks, alpha splits and futility levels.
 """
 import argparse
+import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.signal import fftconvolve
+from scipy.stats import binom, norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
@@ -166,6 +169,139 @@ def simulate(images: int, trials: int) -> None:
                   f"mean over the {len(rates)} p_A {np.mean(list(rates.values())) / PAPER_ALPHA:.2f} alpha", flush=True)
         if split == "unsplit":
             smoothing.split_alpha = saved
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact: the law of (stopping look, nA there), by dynamic programming over the looks
+
+class Exact(NamedTuple):
+    samples: float  # E[estimation samples drawn]
+    failure: float  # P(certified radius > the true one, sigma Phi^-1(p_A)); for p_A < 1/2, P(any certificate)
+    differ: float   # P(the row, the largest reported radius certified, differs from fixed-n CERTIFY's on the same samples)
+
+
+def binomial(m: int, p: float) -> tuple[int, np.ndarray]:
+    """Bin(m, p) where it is not negligible: (first count, pmf from there). Cut 40 standard deviations and 40
+    counts beyond the mean on each side, where what is left out is far below 1e-30."""
+    spread = 40 * math.sqrt(m * p * (1 - p)) + 40
+    first, last = max(0, math.floor(m * p - spread)), min(m, math.ceil(m * p + spread))
+    return first, binom.pmf(np.arange(first, last + 1), m, p)
+
+
+def stopping_law(plan: smoothing.AdaptivePlan, p: float) -> list[tuple[int, np.ndarray]]:
+    """Where adaptive CERTIFY stops when class A wins each sample with probability p, exactly: for each look k
+    reached, (first, mass) with mass[i] = P(it stops at look k with nA = first + i). nA at the first look is
+    Bin(looks[0], p); the mass there that stops (plan.stops) is kept, and what goes on gets the next look's new
+    samples: a convolution with Bin(looks[k + 1] - looks[k], p)."""
+    law, (first, mass) = [], binomial(plan.looks[0], p)
+    for k in range(len(plan.looks)):
+        stop = plan.stops(k, first + np.arange(len(mass)))
+        law.append((first, np.where(stop, mass, 0.0)))
+        going = np.flatnonzero(~stop & (mass > 0))
+        if not going.size:  # at the last look everything stops
+            break
+        step_first, step = binomial(plan.looks[k + 1] - plan.looks[k], p)
+        going_mass = np.where(stop, 0.0, mass)[going[0]:going[-1] + 1]
+        # FFT for vectors of thousands; its rounding (~1e-16 of the largest mass) can go below 0
+        mass = np.clip(fftconvolve(going_mass, step), 0.0, None)
+        first += going[0] + step_first
+    total = sum(m.sum() for _, m in law)
+    assert abs(total - 1) < 1e-9, f"p_A {p}: the law's total mass is {total}"
+    return law
+
+
+def exact(plan: smoothing.AdaptivePlan, p: float, rows: bool = True) -> Exact:
+    """Expected samples, failure probability and P(row differs from fixed-n's) at p_A = p, from `stopping_law`.
+    A stop at look k with nA = c is wrong when c >= smallest_wrong_count (the library's radius, as returned).
+    Fixed-n CERTIFY (one look at n, level alpha) sees c + Bin(n - looks[k], p) of the same samples, so its row
+    differs when that count is below the least that certifies the adaptive row at n or reaches the next one's:
+    two binomial tails per count (rows=False skips them, a third of the time, and gives differ nan)."""
+    fixed = smoothing.AdaptivePlan(plan.n, plan.alpha, plan.sigma, plan.radii, looks=[])
+    assert fixed.radii == plan.radii
+    bounds = np.array([0, *fixed.certifies[0], plan.n + 1])  # fixed-n's row is j where bounds[j + 1] <= nA < bounds[j + 2]
+    truth = plan.sigma * norm.ppf(p) if p >= 0.5 else None
+    samples = failure = 0.0
+    differ = 0.0 if rows else math.nan
+    for k, (first, mass) in enumerate(stopping_law(plan, p)):
+        samples += plan.looks[k] * mass.sum()
+        failure += mass[max(0, smallest_wrong_count(plan, k, truth) - first):].sum()
+        if rows:
+            live = np.flatnonzero(mass > 1e-20)  # the rest adds < 1e-15 in all
+            counts, rest = first + live, plan.n - plan.looks[k]
+            row = plan.row(k, counts)
+            differ += np.dot(mass[live], binom.cdf(bounds[row + 1] - counts - 1, rest, p)
+                             + binom.sf(bounds[row + 2] - counts - 1, rest, p))
+    return Exact(samples, failure, differ)
+
+
+def thresholds(plan: smoothing.AdaptivePlan) -> list[float]:
+    """The p_A whose true radius is each reported radius: Phi(r / sigma), 1/2 for r = 0."""
+    return [0.5 if r == 0 else float(norm.cdf(r / plan.sigma)) for r in plan.radii]
+
+
+def mix_average(plan: smoothing.AdaptivePlan, mix, halve: bool = False) -> Exact:
+    """`exact` averaged over images whose p_A follows `mix` (shares of uniform components): Gauss-Legendre with 4
+    nodes on each panel of a mesh graded towards every reported radius's threshold t (edges t +- sd 2^j, sd =
+    sqrt(t (1 - t) / n)): there the images go on to late looks, and the expected samples change on the scale
+    of each look's standard deviation. halve=True splits every panel in two, to see the rule has converged."""
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    total = np.zeros(3)
+    for share, low, high in mix:
+        edges = {low, (low + high) / 2, high}
+        for t in thresholds(plan):
+            sd = math.sqrt(t * (1 - t) / plan.n)
+            edges |= {q for j in range(40) for q in (t - sd * 2 ** j, t, t + sd * 2 ** j) if low < q < high}
+        edges = np.array(sorted(edges))
+        if halve:
+            edges = np.sort(np.concatenate([edges, (edges[1:] + edges[:-1]) / 2]))
+        for a, b in zip(edges[:-1], edges[1:]):
+            for x, w in zip(nodes, weights):
+                total += share * w * (b - a) / 2 / (high - low) * np.array(exact(plan, (a + b) / 2 + (b - a) / 2 * x))
+    return Exact(*total)
+
+
+def tooth_top(plan: smoothing.AdaptivePlan, c: int) -> float:
+    """p_A a hair below the last look's bound from c of n samples. As p_A grows past a look's bound LB_k(c), a
+    certificate from c stops being wrong and the failure probability drops by P(stop at look k with c); between
+    bounds it changes smoothly. So it peaks just below a bound: the last look's (drops up to 3 % of alpha), or an
+    earlier one's (each drop below alpha_k, alpha / 1000: not looked for)."""
+    return smoothing.lower_confidence_bound(c, plan.n, plan.alphas[-1]) - 1e-10
+
+
+def count_at(plan: smoothing.AdaptivePlan, q: float) -> int:
+    """The least count of n whose last-look bound is >= q."""
+    low, high = 0, plan.n
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if smoothing.lower_confidence_bound(mid, plan.n, plan.alphas[-1]) >= q else (mid + 1, high)
+    return low
+
+
+def worst_failure(plan: smoothing.AdaptivePlan, grid: int = 400) -> tuple[float, float, int]:
+    """(p_A, failure probability) at the largest exact failure probability found, and how many p_A were tried:
+    near each reported radius's threshold t the failure peaks about 0.4 sd above t (sd = sqrt(t (1 - t) / n):
+    nearly every image goes on to n, and the last look spends 99 % of alpha), so tooth tops from 2 sd below to
+    5 sd above t, every sd / 4, then zooming in (strides / 4, down to every count) around the largest; and the
+    tooth tops nearest `grid` evenly spaced p_A over (1/2, 1)."""
+    tried = {}
+
+    def at(c: int) -> float:
+        if c not in tried:
+            tried[c] = exact(plan, tooth_top(plan, c), rows=False).failure
+        return tried[c]
+    for t in thresholds(plan):
+        sd = math.sqrt(t * (1 - t) / plan.n)
+        low, high = count_at(plan, t - 2 * sd), count_at(plan, t + 5 * sd)
+        stride = max(1, round(sd * plan.n / 4))
+        while True:
+            best = max(range(low, high + 1, stride), key=at)
+            if stride == 1:
+                break
+            low, high, stride = max(low, best - stride), min(high, best + stride), max(1, stride // 4)
+    for q in np.linspace(0.5, 1, grid + 2)[1:-1]:
+        at(count_at(plan, q))
+    worst = max(tried, key=tried.get)
+    return tooth_top(plan, worst), tried[worst], len(tried)
 
 
 # ----------------------------------------------------------------------------------------------------

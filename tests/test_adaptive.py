@@ -131,6 +131,40 @@ def test_replay_is_certify_adaptive():
 
 
 # ----------------------------------------------------------------------------------------------------
+# The exact computation (bench/adaptive.py) against sample paths
+
+def test_exact_law_is_the_monte_carlo_one():
+    """bench/adaptive.py's dynamic programme over the looks against 200,000 sample paths replayed by the library
+    (plan.replay), at n = 2,000 (looks 100, 200, 400, 800, 1600, 2000) and alpha = 0.05 so that wrong
+    certificates and rows that differ from fixed-n's are common enough to count, at p_A around every threshold:
+    the stopping look's law, the expected samples, the failure probability and P(rows differ) agree within 5
+    standard errors (81 comparisons: a false alarm has probability < 1e-4; the seed is fixed). The law's total
+    mass is 1 (stopping_law asserts it to 1e-9)."""
+    n, alpha, sigma, trials = 2000, 0.05, 0.25, 200_000
+    plan = smoothing.AdaptivePlan(n, alpha, sigma, RADII)
+    fixed = smoothing.AdaptivePlan(n, alpha, sigma, plan.radii, looks=[])
+    assert plan.looks == [100, 200, 400, 800, 1600, 2000] and plan.radii == [0.0, 0.25, 0.5]
+    rng = np.random.default_rng(3)
+
+    def close(name: str, seen: float, p: float, expected: float, se: float) -> None:
+        assert abs(seen - expected) <= 5 * se + 1e-12, f"p_A {p:.4f}, {name}: sample paths {seen:.6g}, exact {expected:.6g} (se {se:.2g})"
+    for p in (0.45, 0.5, 0.55, 0.75, norm.cdf(1), 0.9, norm.cdf(2), 0.99, 0.999):
+        law, result = adaptive.stopping_law(plan, p), adaptive.exact(plan, p)
+        wins = paths(np.full(trials, p), plan.looks, rng)
+        stop, n_a = plan.replay(wins)
+        used = np.asarray(plan.looks)[stop]
+        truth = sigma * norm.ppf(p) if p >= 0.5 else None
+        wrong = n_a >= np.array([smallest_wrong_count(plan, k, truth) for k in range(len(plan.looks))])[stop]
+        rows = np.select([stop == k for k in range(len(plan.looks))], [plan.row(k, n_a) for k in range(len(plan.looks))])
+        for k in range(len(plan.looks)):
+            expected = law[k][1].sum() if k < len(law) else 0.0
+            close(f"P(stop at look {k})", np.mean(stop == k), p, expected, np.sqrt(expected * (1 - expected) / trials))
+        close("samples", used.mean(), p, result.samples, used.std() / np.sqrt(trials))
+        for name, seen, expected in (("failure", wrong, result.failure), ("rows differ", rows != fixed.row(0, wins[:, -1]), result.differ)):
+            close(name, np.mean(seen), p, expected, np.sqrt(expected * (1 - expected) / trials))
+
+
+# ----------------------------------------------------------------------------------------------------
 # The plan
 
 def test_reported_radii_are_the_papers_capped_at_what_n_certifies():
