@@ -1,8 +1,9 @@
-"""Adaptive against fixed-n CERTIFY: on a trained checkpoint from the same counts in one run, and simulated under
-the paper's protocol (the numbers behind smoothing.AdaptivePlan's design, and its alternatives).
+"""Adaptive against fixed-n CERTIFY: on a trained checkpoint from the same counts in one run, simulated under the
+paper's protocol (the numbers behind smoothing.AdaptivePlan's design, and its alternatives), and exactly.
 
     python bench/adaptive.py --checkpoint out/finetune_sigma0.25/ckpt.pt --data-dir data --n 10000 --num 100 --skip 100
     python bench/adaptive.py --simulate
+    python bench/adaptive.py --exact
 
 Checkpoint: for each image, n0 selection samples and n estimation samples are drawn once (certify.py's noise),
 in pieces that end at each adaptive look. Fixed-n CERTIFY decides from all n; adaptive CERTIFY from the prefix
@@ -11,10 +12,15 @@ recorded. Printed: both certified-accuracy tables side by side at the paper's ra
 image (adaptive's seconds are its samples at the rate measured), every image whose row differs, and a projection
 to the paper's n = 100,000 that replays binomial sample paths at each image's observed p_A = nA / n.
 
---simulate: 200,000 images per sigma of the mix in tests/test_adaptive.py (half p_A ~ U(0.99, 1), a quarter
-U(0.7, 0.9), a quarter U(0.3, 0.5)) at n = 100,000, alpha = 0.001, CIFAR-10's radii: mean samples per sigma, the
-fraction of table rows that differ from fixed-n's on the same counts, failure rates around every reported radius
-(with and without the alpha split), and the same for alternative looks, alpha splits and futility levels.
+--simulate: 200,000 images per sigma of the README's mix (half p_A ~ U(0.99, 1), a quarter U(0.7, 0.9), a quarter
+U(0.3, 0.5)) at n = 100,000, alpha = 0.001, CIFAR-10's radii: mean samples per sigma, the fraction of table rows
+that differ from fixed-n's on the same counts, failure rates around every reported radius (with and without the
+alpha split), and the same for alternative looks, alpha splits and futility levels.
+
+--exact: the chosen design without sampling error, by dynamic programming over the looks (`stopping_law`):
+expected samples and rows that differ, averaged over the README's mix and others (a weaker model, confident
+images, ImageNet-like, n = 10,000), and the largest failure probability over p_A at alpha 0.001, 0.01 and 0.1.
+About 2 minutes on 2 cores.
 """
 import argparse
 import math
@@ -304,12 +310,85 @@ def worst_failure(plan: smoothing.AdaptivePlan, grid: int = 400) -> tuple[float,
     return tooth_top(plan, worst), tried[worst], len(tried)
 
 
+# Other images: a weaker model, and one that is confident about every image.
+WEAKER_MIX = ((0.7, 0.5, 0.95), (0.3, 0.2, 0.5))
+CONFIDENT_MIX = ((1.0, 0.999, 1.0),)
+# ImageNet-like at sigma 0.5: p_A uniform between the thresholds of r = 0, 0.5, 1.0, 1.5 (Phi(r / 0.5)) with the
+# shares that give Cohen et al.'s (2019, Table 1) ImageNet certified accuracy at sigma 0.5, 57 / 46 / 37 / 29 %;
+# the 43 % not certified at 0 abstain or are wrong, U(0.2, 0.5).
+IMAGENET_MIX = ((0.43, 0.2, 0.5), (0.11, 0.5, float(norm.cdf(1))), (0.09, float(norm.cdf(1)), float(norm.cdf(2))),
+                (0.08, float(norm.cdf(2)), float(norm.cdf(3))), (0.29, float(norm.cdf(3)), 1.0))
+
+
+def radii_text(plan: smoothing.AdaptivePlan) -> str:
+    radii = [f"{r:g}" for r in plan.radii]
+    return ", ".join(radii) if len(radii) <= 3 else f"{radii[0]}, {radii[1]}, ..., {radii[-1]}"
+
+
+def exact_report() -> None:
+    start = time.perf_counter()
+    cifar, imagenet = certify.PAPER_RADII["cifar10"], certify.PAPER_RADII["imagenet"]
+    print(f"Exact, by dynamic programming over the looks (bench/adaptive.py `stopping_law`), alpha = {PAPER_ALPHA} unless "
+          f"said; p_A of the selected class; mean over the images by Gauss-Legendre quadrature on a mesh graded towards "
+          f"the radii's thresholds (`mix_average`; the last column: the largest relative change of the expected samples "
+          f"and of the rows that differ when every panel is halved, whose values are shown). Rows differ: the largest "
+          f"reported radius certified differs from fixed-n CERTIFY's on the same samples.\n")
+    print("| images | n | sigma | reported radii | expected samples | saving | rows differ | quadrature |\n"
+          "|---|---|---|---|---|---|---|---|")
+    cases = [("the README's: 1/2 U(0.99, 1), 1/4 U(0.7, 0.9), 1/4 U(0.3, 0.5)", README_MIX, PAPER_N, PAPER_SIGMAS, cifar),
+             ("weaker: 70 % U(0.5, 0.95), 30 % U(0.2, 0.5)", WEAKER_MIX, PAPER_N, PAPER_SIGMAS, cifar),
+             ("confident: U(0.999, 1)", CONFIDENT_MIX, PAPER_N, (0.25,), cifar),
+             ("ImageNet-like: 43 % U(0.2, 0.5), 11 / 9 / 8 / 29 % uniform from Phi(r / sigma) of r = 0 / 0.5 / 1.0 / 1.5 "
+              "to the next (1)", IMAGENET_MIX, PAPER_N, (0.5,), imagenet),
+             ("the README's", README_MIX, 10_000, PAPER_SIGMAS, cifar)]
+    for name, mix, n, sigmas, radii in cases:
+        plans = [smoothing.AdaptivePlan(n, PAPER_ALPHA, sigma, radii) for sigma in sigmas]
+        coarse, fine = [mix_average(plan, mix) for plan in plans], [mix_average(plan, mix, halve=True) for plan in plans]
+        change = [max(abs(c[i] - f[i]) / f[i] for c, f in zip(coarse, fine)) for i in (0, 2)]  # samples, differ
+        print(f"| {name} | {n:,} | " + " / ".join(map(str, sigmas)) + " | " + " / ".join(map(radii_text, plans)) + " | "
+              + " / ".join(f"{f.samples:,.0f}" for f in fine) + f" | {n / np.mean([f.samples for f in fine]):.1f}x | "
+              + " / ".join(f"{f.differ:.4%}" for f in fine) + f" | {change[0]:.0e} / {change[1]:.0e} |", flush=True)
+
+    print(f"\nExact failure probability, P(certified radius > true radius), in units of alpha: the largest found over "
+          f"the p_A scanned (`worst_failure`: the tops of the sawtooth near every reported radius's threshold, and 400 "
+          f"more over (1/2, 1)); n = {PAPER_N:,}, CIFAR-10's radii (capped per sigma and alpha)\n")
+    print("| alpha | sigma | reported radii | worst | at p_A | p_A tried |\n|---|---|---|---|---|---|")
+    for alpha in (0.001, 0.01, 0.1):
+        for sigma in PAPER_SIGMAS:
+            plan = smoothing.AdaptivePlan(PAPER_N, alpha, sigma, cifar)
+            p, failure, tried = worst_failure(plan)
+            print(f"| {alpha} | {sigma} | {radii_text(plan)} | {failure / alpha:.4f} | {p:.6f} | {tried} |", flush=True)
+
+    print(f"\nThe same at the 70 p_A of the Monte Carlo in bench/README.md (threshold + (-1e-3, -1e-4, 0, 1e-4, 1e-3) "
+          f"of every reported radius), alpha = {PAPER_ALPHA}, with and without the alpha split (every look at alpha):\n")
+    print("| alpha split | sigma | worst of the p_A | at p_A | mean |\n|---|---|---|---|---|")
+    saved = smoothing.split_alpha
+    for split in ("split", "unsplit"):
+        if split == "unsplit":
+            smoothing.split_alpha = lambda alpha, looks: [alpha] * len(looks)
+        try:
+            for sigma in PAPER_SIGMAS:
+                plan = smoothing.AdaptivePlan(PAPER_N, PAPER_ALPHA, sigma, cifar)
+                rates = {p: exact(plan, p, rows=False).failure / PAPER_ALPHA
+                         for p in sorted({t + d for t in thresholds(plan) for d in (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)})}
+                worst = max(rates, key=rates.get)
+                print(f"| {split} | {sigma} | {rates[worst]:.4f} | {worst:.5f} | {np.mean(list(rates.values())):.4f} |", flush=True)
+        finally:
+            smoothing.split_alpha = saved
+    p = float(norm.cdf(1)) + 1e-3
+    plan = smoothing.AdaptivePlan(PAPER_N, PAPER_ALPHA, 0.25, cifar)
+    print(f"\nAt p_A = Phi(1) + 1e-3 = {p:.5f}, sigma 0.25 (where bench/README.md's Monte Carlo found 1.12 alpha): "
+          f"exact {exact(plan, p).failure / PAPER_ALPHA:.4f} alpha")
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
 # ----------------------------------------------------------------------------------------------------
 # A checkpoint
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--simulate", action="store_true", help="the simulation of the paper's protocol instead of a checkpoint")
+    p.add_argument("--exact", action="store_true", help="exact expected samples and failure probabilities instead of a checkpoint")
     p.add_argument("--images", type=int, default=200_000, help="--simulate: images per sigma")
     p.add_argument("--trials", type=int, default=200_000, help="--simulate: sample paths per p_A for the failure rates")
     p.add_argument("--checkpoint", default=None, help="a finetune.py checkpoint")
@@ -327,8 +406,11 @@ def main() -> None:
     if args.simulate:
         simulate(args.images, args.trials)
         return
+    if args.exact:
+        exact_report()
+        return
     if args.checkpoint is None or args.n % smoothing.CHUNK or args.batch % smoothing.CHUNK:
-        p.error("--checkpoint is needed (or --simulate), and --n and --batch must be multiples of 100")
+        p.error("--checkpoint is needed (or --simulate or --exact), and --n and --batch must be multiples of 100")
     select_kernels(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)
