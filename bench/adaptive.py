@@ -1,8 +1,9 @@
-"""Adaptive against fixed-n CERTIFY: on a trained checkpoint from the same counts in one run, and simulated under
-the paper's protocol (the numbers behind smoothing.AdaptivePlan's design, and its alternatives).
+"""Adaptive against fixed-n CERTIFY: on a trained checkpoint from the same counts in one run, simulated under the
+paper's protocol (the numbers behind smoothing.AdaptivePlan's design, and its alternatives), and exactly.
 
     python bench/adaptive.py --checkpoint out/finetune_sigma0.25/ckpt.pt --data-dir data --n 10000 --num 100 --skip 100
     python bench/adaptive.py --simulate
+    python bench/adaptive.py --exact
 
 Checkpoint: for each image, n0 selection samples and n estimation samples are drawn once (certify.py's noise),
 in pieces that end at each adaptive look. Fixed-n CERTIFY decides from all n; adaptive CERTIFY from the prefix
@@ -11,19 +12,27 @@ recorded. Printed: both certified-accuracy tables side by side at the paper's ra
 image (adaptive's seconds are its samples at the rate measured), every image whose row differs, and a projection
 to the paper's n = 100,000 that replays binomial sample paths at each image's observed p_A = nA / n.
 
---simulate: 200,000 images per sigma of the mix in tests/test_adaptive.py (half p_A ~ U(0.99, 1), a quarter
-U(0.7, 0.9), a quarter U(0.3, 0.5)) at n = 100,000, alpha = 0.001, CIFAR-10's radii: mean samples per sigma, the
-fraction of table rows that differ from fixed-n's on the same counts, failure rates around every reported radius
-(with and without the alpha split), and the same for alternative looks, alpha splits and futility levels.
+--simulate: 200,000 images per sigma of the README's mix (half p_A ~ U(0.99, 1), a quarter U(0.7, 0.9), a quarter
+U(0.3, 0.5)) at n = 100,000, alpha = 0.001, CIFAR-10's radii: mean samples per sigma, the fraction of table rows
+that differ from fixed-n's on the same counts, failure rates around every reported radius (with and without the
+alpha split), and the same for alternative looks, alpha splits and futility levels.
+
+--exact: the chosen design without sampling error, by dynamic programming over the looks (`stopping_law`):
+expected samples and rows that differ, averaged over the README's mix and others (a weaker model, confident
+images, ImageNet-like, n = 10,000), and the largest failure probability over p_A at alpha 0.001, 0.01 and 0.1.
+About 2 minutes on 2 cores.
 """
 import argparse
+import math
 import os
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from scipy.stats import norm
+from scipy.signal import fftconvolve
+from scipy.stats import binom, norm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import certify  # noqa: E402
@@ -45,9 +54,28 @@ def paths(p: np.ndarray, looks: list[int], rng) -> np.ndarray:
     return np.cumsum(rng.binomial(np.diff([0, *looks]), p[:, None]), axis=1)
 
 
-def image_mix(images: int, rng) -> np.ndarray:
-    return np.concatenate([rng.uniform(0.99, 1.0, images // 2), rng.uniform(0.7, 0.9, images // 4),
-                           rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
+# p_A of the selected class, as (share of the images, low, high) of uniform components. The README's: half the
+# images clear (U(0.99, 1)), a quarter uncertain (U(0.7, 0.9)), a quarter abstaining (U(0.3, 0.5): g does not
+# return the selected class).
+README_MIX = ((0.5, 0.99, 1.0), (0.25, 0.7, 0.9), (0.25, 0.3, 0.5))
+
+
+def image_mix(images: int, rng, mix=README_MIX) -> np.ndarray:
+    """p_A of `images` simulated images: int(share x images) from each component, the last one the rest."""
+    sizes = [int(share * images) for share, _, _ in mix[:-1]]
+    sizes.append(images - sum(sizes))
+    return np.concatenate([rng.uniform(low, high, size) for (_, low, high), size in zip(mix, sizes)])
+
+
+def smallest_wrong_count(plan: smoothing.AdaptivePlan, k: int, truth: float | None) -> int:
+    """The least nA at look k whose certificate (the library's radius) is wrong: any certificate if truth is None
+    (p_A < 1/2: g does not return A), else one larger than truth. The radius grows with nA: bisection, ~17 calls."""
+    wrong = lambda c: (r := plan.radius(k, c)) is not None and (truth is None or r > truth)
+    low, high = 0, plan.looks[k] + 1
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if wrong(mid) else (mid + 1, high)
+    return low
 
 
 def replay(plan: smoothing.AdaptivePlan, p: np.ndarray, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,14 +96,7 @@ def failure_rates(plan: smoothing.AdaptivePlan, trials: int, rng) -> dict[float,
     targets = [0.5 if r == 0 else norm.cdf(r / plan.sigma) for r in plan.radii]
     for p in sorted({t + d for t in targets for d in (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)}):
         truth = plan.sigma * norm.ppf(p) if p >= 0.5 else None
-        first_wrong = []
-        for k, m in enumerate(plan.looks):  # least nA at look k with a wrong certificate (the radius grows with nA)
-            low, high = 0, m + 1
-            while low < high:
-                mid = (low + high) // 2
-                r = plan.radius(k, mid)
-                low, high = (low, mid) if r is not None and (truth is None or r > truth) else (mid + 1, high)
-            first_wrong.append(low)
+        first_wrong = [smallest_wrong_count(plan, k, truth) for k in range(len(plan.looks))]
         stop, n_a = plan.replay(paths(np.full(trials, p), plan.looks, rng))
         rates[p] = float(np.mean(n_a >= np.asarray(first_wrong)[stop]))
     return rates
@@ -158,11 +179,217 @@ def simulate(images: int, trials: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Exact: the law of (stopping look, nA there), by dynamic programming over the looks
+
+class Exact(NamedTuple):
+    samples: float  # E[estimation samples drawn]
+    failure: float  # P(certified radius > the true one, sigma Phi^-1(p_A)); for p_A < 1/2, P(any certificate)
+    differ: float   # P(the row, the largest reported radius certified, differs from fixed-n CERTIFY's on the same samples)
+
+
+def binomial(m: int, p: float) -> tuple[int, np.ndarray]:
+    """Bin(m, p) where it is not negligible: (first count, pmf from there). Cut 40 standard deviations and 40
+    counts beyond the mean on each side, where what is left out is far below 1e-30."""
+    spread = 40 * math.sqrt(m * p * (1 - p)) + 40
+    first, last = max(0, math.floor(m * p - spread)), min(m, math.ceil(m * p + spread))
+    return first, binom.pmf(np.arange(first, last + 1), m, p)
+
+
+def stopping_law(plan: smoothing.AdaptivePlan, p: float) -> list[tuple[int, np.ndarray]]:
+    """Where adaptive CERTIFY stops when class A wins each sample with probability p, exactly: for each look k
+    reached, (first, mass) with mass[i] = P(it stops at look k with nA = first + i). nA at the first look is
+    Bin(looks[0], p); the mass there that stops (plan.stops) is kept, and what goes on gets the next look's new
+    samples: a convolution with Bin(looks[k + 1] - looks[k], p)."""
+    law, (first, mass) = [], binomial(plan.looks[0], p)
+    for k in range(len(plan.looks)):
+        stop = plan.stops(k, first + np.arange(len(mass)))
+        law.append((first, np.where(stop, mass, 0.0)))
+        going = np.flatnonzero(~stop & (mass > 0))
+        if not going.size:  # at the last look everything stops
+            break
+        step_first, step = binomial(plan.looks[k + 1] - plan.looks[k], p)
+        going_mass = np.where(stop, 0.0, mass)[going[0]:going[-1] + 1]
+        # FFT for vectors of thousands; its rounding (~1e-16 of the largest mass) can go below 0
+        mass = np.clip(fftconvolve(going_mass, step), 0.0, None)
+        first += going[0] + step_first
+    total = sum(m.sum() for _, m in law)
+    assert abs(total - 1) < 1e-9, f"p_A {p}: the law's total mass is {total}"
+    return law
+
+
+def exact(plan: smoothing.AdaptivePlan, p: float, rows: bool = True) -> Exact:
+    """Expected samples, failure probability and P(row differs from fixed-n's) at p_A = p, from `stopping_law`.
+    A stop at look k with nA = c is wrong when c >= smallest_wrong_count (the library's radius, as returned).
+    Fixed-n CERTIFY (one look at n, level alpha) sees c + Bin(n - looks[k], p) of the same samples, so its row
+    differs when that count is below the least that certifies the adaptive row at n or reaches the next one's:
+    two binomial tails per count (rows=False skips them, a third of the time, and gives differ nan)."""
+    fixed = smoothing.AdaptivePlan(plan.n, plan.alpha, plan.sigma, plan.radii, looks=[])
+    assert fixed.radii == plan.radii
+    bounds = np.array([0, *fixed.certifies[0], plan.n + 1])  # fixed-n's row is j where bounds[j + 1] <= nA < bounds[j + 2]
+    truth = plan.sigma * norm.ppf(p) if p >= 0.5 else None
+    samples = failure = 0.0
+    differ = 0.0 if rows else math.nan
+    for k, (first, mass) in enumerate(stopping_law(plan, p)):
+        samples += plan.looks[k] * mass.sum()
+        failure += mass[max(0, smallest_wrong_count(plan, k, truth) - first):].sum()
+        if rows:
+            live = np.flatnonzero(mass > 1e-20)  # the rest adds < 1e-15 in all
+            counts, rest = first + live, plan.n - plan.looks[k]
+            row = plan.row(k, counts)
+            differ += np.dot(mass[live], binom.cdf(bounds[row + 1] - counts - 1, rest, p)
+                             + binom.sf(bounds[row + 2] - counts - 1, rest, p))
+    return Exact(samples, failure, differ)
+
+
+def thresholds(plan: smoothing.AdaptivePlan) -> list[float]:
+    """The p_A whose true radius is each reported radius: Phi(r / sigma), 1/2 for r = 0."""
+    return [0.5 if r == 0 else float(norm.cdf(r / plan.sigma)) for r in plan.radii]
+
+
+def mix_average(plan: smoothing.AdaptivePlan, mix, halve: bool = False) -> Exact:
+    """`exact` averaged over images whose p_A follows `mix` (shares of uniform components): Gauss-Legendre with 4
+    nodes on each panel of a mesh graded towards every reported radius's threshold t (edges t +- sd 2^j, sd =
+    sqrt(t (1 - t) / n)): there the images go on to late looks, and the expected samples change on the scale
+    of each look's standard deviation. halve=True splits every panel in two, to see the rule has converged."""
+    nodes, weights = np.polynomial.legendre.leggauss(4)
+    total = np.zeros(3)
+    for share, low, high in mix:
+        edges = {low, (low + high) / 2, high}
+        for t in thresholds(plan):
+            sd = math.sqrt(t * (1 - t) / plan.n)
+            edges |= {q for j in range(40) for q in (t - sd * 2 ** j, t, t + sd * 2 ** j) if low < q < high}
+        edges = np.array(sorted(edges))
+        if halve:
+            edges = np.sort(np.concatenate([edges, (edges[1:] + edges[:-1]) / 2]))
+        for a, b in zip(edges[:-1], edges[1:]):
+            for x, w in zip(nodes, weights):
+                total += share * w * (b - a) / 2 / (high - low) * np.array(exact(plan, (a + b) / 2 + (b - a) / 2 * x))
+    return Exact(*total)
+
+
+def tooth_top(plan: smoothing.AdaptivePlan, c: int) -> float:
+    """p_A a hair below the last look's bound from c of n samples. As p_A grows past a look's bound LB_k(c), a
+    certificate from c stops being wrong and the failure probability drops by P(stop at look k with c); between
+    bounds it changes smoothly. So it peaks just below a bound: the last look's (drops up to 3 % of alpha), or an
+    earlier one's (each drop below alpha_k, alpha / 1000: not looked for)."""
+    return smoothing.lower_confidence_bound(c, plan.n, plan.alphas[-1]) - 1e-10
+
+
+def count_at(plan: smoothing.AdaptivePlan, q: float) -> int:
+    """The least count of n whose last-look bound is >= q."""
+    low, high = 0, plan.n
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if smoothing.lower_confidence_bound(mid, plan.n, plan.alphas[-1]) >= q else (mid + 1, high)
+    return low
+
+
+def worst_failure(plan: smoothing.AdaptivePlan, grid: int = 400) -> tuple[float, float, int]:
+    """(p_A, failure probability) at the largest exact failure probability found, and how many p_A were tried:
+    near each reported radius's threshold t the failure peaks about 0.4 sd above t (sd = sqrt(t (1 - t) / n):
+    nearly every image goes on to n, and the last look spends 99 % of alpha), so tooth tops from 2 sd below to
+    5 sd above t, every sd / 4, then zooming in (strides / 4, down to every count) around the largest; and the
+    tooth tops nearest `grid` evenly spaced p_A over (1/2, 1)."""
+    tried = {}
+
+    def at(c: int) -> float:
+        if c not in tried:
+            tried[c] = exact(plan, tooth_top(plan, c), rows=False).failure
+        return tried[c]
+    for t in thresholds(plan):
+        sd = math.sqrt(t * (1 - t) / plan.n)
+        low, high = count_at(plan, t - 2 * sd), count_at(plan, t + 5 * sd)
+        stride = max(1, round(sd * plan.n / 4))
+        while True:
+            best = max(range(low, high + 1, stride), key=at)
+            if stride == 1:
+                break
+            low, high, stride = max(low, best - stride), min(high, best + stride), max(1, stride // 4)
+    for q in np.linspace(0.5, 1, grid + 2)[1:-1]:
+        at(count_at(plan, q))
+    worst = max(tried, key=tried.get)
+    return tooth_top(plan, worst), tried[worst], len(tried)
+
+
+# Other images: a weaker model, and one that is confident about every image.
+WEAKER_MIX = ((0.7, 0.5, 0.95), (0.3, 0.2, 0.5))
+CONFIDENT_MIX = ((1.0, 0.999, 1.0),)
+# ImageNet-like at sigma 0.5: p_A uniform between the thresholds of r = 0, 0.5, 1.0, 1.5 (Phi(r / 0.5)) with the
+# shares that give Cohen et al.'s (2019, Table 1) ImageNet certified accuracy at sigma 0.5, 57 / 46 / 37 / 29 %;
+# the 43 % not certified at 0 abstain or are wrong, U(0.2, 0.5).
+IMAGENET_MIX = ((0.43, 0.2, 0.5), (0.11, 0.5, float(norm.cdf(1))), (0.09, float(norm.cdf(1)), float(norm.cdf(2))),
+                (0.08, float(norm.cdf(2)), float(norm.cdf(3))), (0.29, float(norm.cdf(3)), 1.0))
+
+
+def radii_text(plan: smoothing.AdaptivePlan) -> str:
+    radii = [f"{r:g}" for r in plan.radii]
+    return ", ".join(radii) if len(radii) <= 3 else f"{radii[0]}, {radii[1]}, ..., {radii[-1]}"
+
+
+def exact_report() -> None:
+    start = time.perf_counter()
+    cifar, imagenet = certify.PAPER_RADII["cifar10"], certify.PAPER_RADII["imagenet"]
+    print(f"Exact, by dynamic programming over the looks (bench/adaptive.py `stopping_law`), alpha = {PAPER_ALPHA} unless "
+          f"said; p_A of the selected class; mean over the images by Gauss-Legendre quadrature on a mesh graded towards "
+          f"the radii's thresholds (`mix_average`; the last column: the largest relative change of the expected samples "
+          f"and of the rows that differ when every panel is halved, whose values are shown). Rows differ: the largest "
+          f"reported radius certified differs from fixed-n CERTIFY's on the same samples.\n")
+    print("| images | n | sigma | reported radii | expected samples | saving | rows differ | quadrature |\n"
+          "|---|---|---|---|---|---|---|---|")
+    cases = [("the README's: 1/2 U(0.99, 1), 1/4 U(0.7, 0.9), 1/4 U(0.3, 0.5)", README_MIX, PAPER_N, PAPER_SIGMAS, cifar),
+             ("weaker: 70 % U(0.5, 0.95), 30 % U(0.2, 0.5)", WEAKER_MIX, PAPER_N, PAPER_SIGMAS, cifar),
+             ("confident: U(0.999, 1)", CONFIDENT_MIX, PAPER_N, (0.25,), cifar),
+             ("ImageNet-like: 43 % U(0.2, 0.5), 11 / 9 / 8 / 29 % uniform from Phi(r / sigma) of r = 0 / 0.5 / 1.0 / 1.5 "
+              "to the next (1)", IMAGENET_MIX, PAPER_N, (0.5,), imagenet),
+             ("the README's", README_MIX, 10_000, PAPER_SIGMAS, cifar)]
+    for name, mix, n, sigmas, radii in cases:
+        plans = [smoothing.AdaptivePlan(n, PAPER_ALPHA, sigma, radii) for sigma in sigmas]
+        coarse, fine = [mix_average(plan, mix) for plan in plans], [mix_average(plan, mix, halve=True) for plan in plans]
+        change = [max(abs(c[i] - f[i]) / f[i] for c, f in zip(coarse, fine)) for i in (0, 2)]  # samples, differ
+        print(f"| {name} | {n:,} | " + " / ".join(map(str, sigmas)) + " | " + " / ".join(map(radii_text, plans)) + " | "
+              + " / ".join(f"{f.samples:,.0f}" for f in fine) + f" | {n / np.mean([f.samples for f in fine]):.1f}x | "
+              + " / ".join(f"{f.differ:.4%}" for f in fine) + f" | {change[0]:.0e} / {change[1]:.0e} |", flush=True)
+
+    print(f"\nExact failure probability, P(certified radius > true radius), in units of alpha: the largest found over "
+          f"the p_A scanned (`worst_failure`: the tops of the sawtooth near every reported radius's threshold, and 400 "
+          f"more over (1/2, 1)); n = {PAPER_N:,}, CIFAR-10's radii (capped per sigma and alpha)\n")
+    print("| alpha | sigma | reported radii | worst | at p_A | p_A tried |\n|---|---|---|---|---|---|")
+    for alpha in (0.001, 0.01, 0.1):
+        for sigma in PAPER_SIGMAS:
+            plan = smoothing.AdaptivePlan(PAPER_N, alpha, sigma, cifar)
+            p, failure, tried = worst_failure(plan)
+            print(f"| {alpha} | {sigma} | {radii_text(plan)} | {failure / alpha:.4f} | {p:.6f} | {tried} |", flush=True)
+
+    print(f"\nThe same at the 70 p_A of the Monte Carlo in bench/README.md (threshold + (-1e-3, -1e-4, 0, 1e-4, 1e-3) "
+          f"of every reported radius), alpha = {PAPER_ALPHA}, with and without the alpha split (every look at alpha):\n")
+    print("| alpha split | sigma | worst of the p_A | at p_A | mean |\n|---|---|---|---|---|")
+    saved = smoothing.split_alpha
+    for split in ("split", "unsplit"):
+        if split == "unsplit":
+            smoothing.split_alpha = lambda alpha, looks: [alpha] * len(looks)
+        try:
+            for sigma in PAPER_SIGMAS:
+                plan = smoothing.AdaptivePlan(PAPER_N, PAPER_ALPHA, sigma, cifar)
+                rates = {p: exact(plan, p, rows=False).failure / PAPER_ALPHA
+                         for p in sorted({t + d for t in thresholds(plan) for d in (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)})}
+                worst = max(rates, key=rates.get)
+                print(f"| {split} | {sigma} | {rates[worst]:.4f} | {worst:.5f} | {np.mean(list(rates.values())):.4f} |", flush=True)
+        finally:
+            smoothing.split_alpha = saved
+    p = float(norm.cdf(1)) + 1e-3
+    plan = smoothing.AdaptivePlan(PAPER_N, PAPER_ALPHA, 0.25, cifar)
+    print(f"\nAt p_A = Phi(1) + 1e-3 = {p:.5f}, sigma 0.25 (where bench/README.md's Monte Carlo found 1.12 alpha): "
+          f"exact {exact(plan, p).failure / PAPER_ALPHA:.4f} alpha")
+    print(f"\n{time.perf_counter() - start:.0f} s")
+
+
+# ----------------------------------------------------------------------------------------------------
 # A checkpoint
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--simulate", action="store_true", help="the simulation of the paper's protocol instead of a checkpoint")
+    p.add_argument("--exact", action="store_true", help="exact expected samples and failure probabilities instead of a checkpoint")
     p.add_argument("--images", type=int, default=200_000, help="--simulate: images per sigma")
     p.add_argument("--trials", type=int, default=200_000, help="--simulate: sample paths per p_A for the failure rates")
     p.add_argument("--checkpoint", default=None, help="a finetune.py checkpoint")
@@ -180,8 +407,11 @@ def main() -> None:
     if args.simulate:
         simulate(args.images, args.trials)
         return
+    if args.exact:
+        exact_report()
+        return
     if args.checkpoint is None or args.n % smoothing.CHUNK or args.batch % smoothing.CHUNK:
-        p.error("--checkpoint is needed (or --simulate), and --n and --batch must be multiples of 100")
+        p.error("--checkpoint is needed (or --simulate or --exact), and --n and --batch must be multiples of 100")
     select_kernels(args.kernels)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(args.precision, device)

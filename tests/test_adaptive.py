@@ -1,19 +1,25 @@
 """Adaptive CERTIFY under the paper's protocol (n = 100,000, alpha = 0.001, sigma 0.25 / 0.5 / 1.0, CIFAR-10's
-reported radii), simulated: binomial counts of a base classifier with known p_A drive the library's stopping
-rule. Sound at every p_A around every reported radius (and not without the alpha split), >= 10x fewer samples
+reported radii), for a base classifier with known p_A: sound at every p_A around every reported radius (and not
+without the alpha split), exactly, by bench/adaptive.py's dynamic programme over the looks, itself checked
+against sample paths; and simulated, binomial counts driving the library's stopping rule: >= 10x fewer samples
 than CERTIFY on a mix of images, and the certified-accuracy table of CERTIFY on the same counts."""
+import importlib.util
+import os
+
 import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
 import smoothing
+from conftest import ROOT
+
+# The simulation's building blocks live in bench/adaptive.py (paths, image_mix, smallest_wrong_count), one copy.
+spec = importlib.util.spec_from_file_location("adaptive", os.path.join(ROOT, "bench", "adaptive.py"))
+adaptive = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(adaptive)
+paths, image_mix, smallest_wrong_count = adaptive.paths, adaptive.image_mix, adaptive.smallest_wrong_count
 
 N, ALPHA, SIGMAS, RADII = 100_000, 0.001, (0.25, 0.5, 1.0), [0.0, 0.25, 0.5, 0.75, 1.0]
-
-
-def paths(p: np.ndarray, looks: list[int], rng) -> np.ndarray:
-    """[len(p), K]: how often class A (probability p) wins among the first looks[k] samples, one path per p."""
-    return np.cumsum(rng.binomial(np.diff([0, *looks]), p[:, None]), axis=1)
 
 
 def adaptive_results(plan: smoothing.AdaptivePlan, wins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -41,75 +47,48 @@ def fixed_n_rows(n_a: np.ndarray, n: int, alpha: float, sigma: float, radii: lis
     return np.searchsorted(need, n_a, side="right") - 1
 
 
-def thresholds(sigma: float, radii: list[float]) -> list[float]:
-    return [0.5 if r == 0 else float(norm.cdf(r / sigma)) for r in radii]
-
-
 # ----------------------------------------------------------------------------------------------------
-# Soundness
+# Soundness, exactly
 
-TRIALS = 40_000
-# Under the guarantee the number of wrong certificates at one p_A is stochastically at most Binomial(TRIALS,
-# alpha) (mean 40); we allow its 1 - 1e-5 quantile, 70 (1.75 alpha): with the 70 values of p_A below, a sound
-# procedure exceeds it somewhere with probability < 1e-3, and the seed is fixed. Without the alpha split the
-# worst p_A gets 5-8 alpha (bench/README.md).
-TOLERANCE = int(binom.ppf(1 - 1e-5, TRIALS, ALPHA))
 OFFSETS = (-1e-3, -1e-4, 0.0, 1e-4, 1e-3)  # p_A just below each threshold (the true radius a hair under r), at, above
+SDS = (-1, 0, 0.25, 0.5, 0.75, 1, 2, 3)  # and tooth tops this many sd = sqrt(t (1 - t) / n) from each threshold t
 
 
-def smallest_wrong_count(plan: smoothing.AdaptivePlan, k: int, truth: float) -> int:
-    """The least nA at look k whose certificate (the library's radius) is wrong: any certificate if truth is None,
-    else one larger than truth. The radius grows with nA, so bisection finds it in ~17 calls of plan.radius."""
-    wrong = lambda c: (r := plan.radius(k, c)) is not None and (truth is None or r > truth)
-    low, high = 0, plan.looks[k] + 1
-    while low < high:
-        mid = (low + high) // 2
-        low, high = (low, mid) if wrong(mid) else (mid + 1, high)
-    return low
-
-
-def wrong_certificates(sigma: float, rng, offsets: tuple = OFFSETS) -> dict[float, int]:
-    """For p_A on both sides of every reported radius's threshold Phi(r / sigma): how many of TRIALS runs certify a
-    radius larger than the true one, sigma Phi^-1(p_A) (for p_A < 1/2 any certificate: g does not return A)."""
+def exact_failures(sigma: float, offsets: tuple = OFFSETS, sds: tuple = SDS) -> dict[float, float]:
+    """The exact probability that adaptive CERTIFY certifies a radius larger than the true one, sigma Phi^-1(p_A)
+    (for p_A < 1/2: any certificate), by bench/adaptive.py's dynamic programme over the looks, at p_A around every
+    reported radius's threshold t: t + each offset, and the tooth tops (p_A a hair below a last-look bound, where
+    the failure probability jumps) nearest t + each of `sds` standard deviations; it peaks about 0.4 sd above t."""
     plan = smoothing.AdaptivePlan(N, ALPHA, sigma, RADII)
-    wrong = {}
-    for p in sorted({t + d for t in thresholds(sigma, plan.radii) for d in offsets}):
-        truth = sigma * norm.ppf(p) if p >= 0.5 else None
-        first_wrong = np.array([smallest_wrong_count(plan, k, truth) for k in range(len(plan.looks))])
-        stop, n_a = plan.replay(paths(np.full(TRIALS, p), plan.looks, rng))
-        wrong[p] = int(np.sum(n_a >= first_wrong[stop]))
-    return wrong
+    ps = set()
+    for t in adaptive.thresholds(plan):
+        ps |= {t + d for d in offsets} | {adaptive.tooth_top(plan, adaptive.count_at(plan, t + z * np.sqrt(t * (1 - t) / N))) for z in sds}
+    return {p: adaptive.exact(plan, p, rows=False).failure for p in sorted(ps)}
 
 
 def test_adaptive_certificates_are_wrong_at_most_alpha_of_the_time():
-    rng = np.random.default_rng(0)
+    """At most alpha at every p_A tried, and above 0.97 alpha at some: the bound is nearly tight there. Exact, so
+    without a tolerance: looks whose levels sum to 1.05 alpha reach 1.04 alpha here and fail it, which a Monte
+    Carlo count (40,000 paths per p_A, tolerance 1.75 alpha) would not see."""
     for sigma in SIGMAS:
-        wrong = wrong_certificates(sigma, rng)
-        assert len(wrong) == 5 * len(smoothing.AdaptivePlan(N, ALPHA, sigma, RADII).radii)
-        worst = max(wrong, key=wrong.get)
-        print(f"sigma {sigma}: worst p_A {worst:.5f}: {wrong[worst]} of {TRIALS} wrong ({wrong[worst] / TRIALS / ALPHA:.2f} alpha)")
-        assert wrong[worst] <= TOLERANCE, f"sigma {sigma}, p_A {worst:.5f}: {wrong[worst]} of {TRIALS} too large (tolerance {TOLERANCE})"
+        failures = exact_failures(sigma)
+        worst = max(failures, key=failures.get)
+        print(f"sigma {sigma}: worst p_A {worst:.6f}: {failures[worst] / ALPHA:.4f} alpha ({len(failures)} p_A)")
+        assert failures[worst] <= ALPHA, f"sigma {sigma}, p_A {worst:.6f}: {failures[worst] / ALPHA:.4f} alpha"
+        assert failures[worst] > 0.97 * ALPHA
 
 
 def test_without_the_alpha_split_the_same_check_fails(monkeypatch):
     """Every look at the full alpha: the union bound is gone, and repeated looks over-claim far beyond alpha
-    (sigma 1.0, just below and at each threshold, to save time; the other sigmas alike)."""
+    (sigma 1.0 at the offsets; exactly 8.2 alpha at p_A 0.84144; the other sigmas alike, bench/README.md)."""
     monkeypatch.setattr(smoothing, "split_alpha", lambda alpha, looks: [alpha] * len(looks))
-    wrong = wrong_certificates(1.0, np.random.default_rng(0), offsets=(-1e-4, 0.0))
-    worst = max(wrong.values())
-    print(f"unsplit alpha, sigma 1.0: worst {worst} of {TRIALS} wrong ({worst / TRIALS / ALPHA:.2f} alpha)")
-    assert worst > TOLERANCE, f"unsplit alpha: worst {worst} of {TRIALS}, tolerance {TOLERANCE}"
+    worst = max(exact_failures(1.0, sds=()).values())
+    print(f"unsplit alpha, sigma 1.0: worst {worst / ALPHA:.2f} alpha")
+    assert worst > 5 * ALPHA
 
 
 # ----------------------------------------------------------------------------------------------------
 # Samples and agreement with fixed n
-
-def image_mix(images: int, rng) -> np.ndarray:
-    """p_A of the selected class: half the images clear (U(0.99, 1)), a quarter uncertain (U(0.7, 0.9)), a
-    quarter abstaining (U(0.3, 0.5): g does not return the selected class)."""
-    return np.concatenate([rng.uniform(0.99, 1.0, images // 2), rng.uniform(0.7, 0.9, images // 4),
-                           rng.uniform(0.3, 0.5, images - images // 2 - images // 4)])
-
 
 def test_paper_protocol_saves_10x_and_keeps_the_table():
     """40,000 simulated images per sigma, each certified adaptively and fixed-n from the same sample path: at least
@@ -141,6 +120,40 @@ def test_replay_is_certify_adaptive():
             seen = dict(zip(plan.looks, path))
             pred, rad, samples = smoothing.certify_adaptive(np.array([9, 1]), lambda k: np.array([seen[k], k - seen[k]]), plan)
             assert samples == m and (pred == smoothing.ABSTAIN) == np.isnan(r) and (np.isnan(r) or rad == r)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The exact computation (bench/adaptive.py) against sample paths
+
+def test_exact_law_is_the_monte_carlo_one():
+    """bench/adaptive.py's dynamic programme over the looks against 200,000 sample paths replayed by the library
+    (plan.replay), at n = 2,000 (looks 100, 200, 400, 800, 1600, 2000) and alpha = 0.05 so that wrong
+    certificates and rows that differ from fixed-n's are common enough to count, at p_A around every threshold:
+    the stopping look's law, the expected samples, the failure probability and P(rows differ) agree within 5
+    standard errors (81 comparisons: a false alarm has probability < 1e-4; the seed is fixed). The law's total
+    mass is 1 (stopping_law asserts it to 1e-9)."""
+    n, alpha, sigma, trials = 2000, 0.05, 0.25, 200_000
+    plan = smoothing.AdaptivePlan(n, alpha, sigma, RADII)
+    fixed = smoothing.AdaptivePlan(n, alpha, sigma, plan.radii, looks=[])
+    assert plan.looks == [100, 200, 400, 800, 1600, 2000] and plan.radii == [0.0, 0.25, 0.5]
+    rng = np.random.default_rng(3)
+
+    def close(name: str, seen: float, p: float, expected: float, se: float) -> None:
+        assert abs(seen - expected) <= 5 * se + 1e-12, f"p_A {p:.4f}, {name}: sample paths {seen:.6g}, exact {expected:.6g} (se {se:.2g})"
+    for p in (0.45, 0.5, 0.55, 0.75, norm.cdf(1), 0.9, norm.cdf(2), 0.99, 0.999):
+        law, result = adaptive.stopping_law(plan, p), adaptive.exact(plan, p)
+        wins = paths(np.full(trials, p), plan.looks, rng)
+        stop, n_a = plan.replay(wins)
+        used = np.asarray(plan.looks)[stop]
+        truth = sigma * norm.ppf(p) if p >= 0.5 else None
+        wrong = n_a >= np.array([smallest_wrong_count(plan, k, truth) for k in range(len(plan.looks))])[stop]
+        rows = np.select([stop == k for k in range(len(plan.looks))], [plan.row(k, n_a) for k in range(len(plan.looks))])
+        for k in range(len(plan.looks)):
+            expected = law[k][1].sum() if k < len(law) else 0.0
+            close(f"P(stop at look {k})", np.mean(stop == k), p, expected, np.sqrt(expected * (1 - expected) / trials))
+        close("samples", used.mean(), p, result.samples, used.std() / np.sqrt(trials))
+        for name, seen, expected in (("failure", wrong, result.failure), ("rows differ", rows != fixed.row(0, wins[:, -1]), result.differ)):
+            close(name, np.mean(seen), p, expected, np.sqrt(expected * (1 - expected) / trials))
 
 
 # ----------------------------------------------------------------------------------------------------
