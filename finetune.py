@@ -24,6 +24,7 @@ stays at its near-zero random init (--train-head trains it, as the paper's text 
 Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
 """
 import argparse
+import contextlib
 import math
 import os
 
@@ -99,6 +100,7 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(layer_groups(model, args.layer_decay), lr=peak_lr, weight_decay=0.0)
     total = args.epochs * steps_per_epoch
     step = run.resume(model=model, optimizer=opt)
+    micro = run.micro_batch(args.micro_batch, model, COPIES, input_bytes=(2 + COPIES) * 3 * model.cfg.img_size ** 2 * 4)
     net = run.distribute(model)
     if args.compile:
         model.compile_blocks()
@@ -111,12 +113,16 @@ def main(argv=None) -> None:
         lr = warmup_cosine(step // steps_per_epoch, args.schedule_epochs, args.warmup_epochs, peak_lr)  # set per epoch
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
-        with run.autocast:
-            logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
-            loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
-        run.check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if micro is None:
+            with run.autocast:
+                logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
+                loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
+            run.check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step)
+            loss.backward()
+        else:
+            loss, parts = backward_micro_batches(net, x_t, t, y_a, y_b, lam, args, micro, run.autocast)
+            run.check_finite(loss, parts, step)  # before the optimizer step: the weights stay untouched
         opt.step()
         if run.log_due(step + 1):  # the lr is the head's (lr_scale 1), as the authors' logs print it
             run.log(step + 1, dict(loss=loss, **parts), f"lr {lr:.2e}")
@@ -147,6 +153,28 @@ def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -
     x_t, t = noisy_input(x.expand(COPIES, *x.shape), args.sigma, eps)
     y_b, lam = (torch.cat(ys_b), torch.cat(lams)) if mixing else (None, None)
     return x_t.flatten(0, 1), t, torch.cat(ys_a), y_b, lam
+
+
+def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: int, precision) -> tuple[torch.Tensor, dict]:
+    """The step's loss and gradients `micro` images (with their noisy copies) at a time: every term of Eq. (12) is a
+    mean over the images, so the batch's loss is the micro-batches' losses weighted by their share, and so are its
+    gradients (exact, to float rounding). DDP syncs gradients once, after the last micro-batch."""
+    B = len(y_a)
+    copies = x_t.view(COPIES, B, *x_t.shape[1:])
+    loss, parts = 0.0, {}
+    for k in range(0, B, micro):
+        rows = slice(k, k + micro)
+        last = k + micro >= B
+        with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()):
+            with precision:
+                logits = net(copies[:, rows].flatten(0, 1), t).reshape(COPIES, len(y_a[rows]), -1)
+                part_loss, part = finetune_loss(logits, y_a[rows], args.eta1, args.eta2, args.label_smoothing,
+                                                None if y_b is None else y_b[rows], None if lam is None else lam[rows])
+            share = len(y_a[rows]) / B
+            (share * part_loss).backward()
+        loss = loss + share * part_loss.detach()
+        parts = {name: parts.get(name, 0.0) + share * v.detach() for name, v in part.items()}
+    return loss, parts
 
 
 @torch.no_grad()
@@ -275,6 +303,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--cutmix", type=jobs.non_negative, default=None, help="cutmix Beta alpha (0: off): cifar10 0; imagenet 1.0")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
+    g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images (each with its noisy copies) "
+                   "per forward and backward, gradients accumulated: the whole batch's step; unset: the whole batch "
+                   "where it fits the device's free memory, else the largest micro-batch that does")
     g.add_argument("--eval-images", type=jobs.at_least(1), default=10_000, help="test images for the per-epoch accuracies, spread evenly over the test set")
     jobs.add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
     args = p.parse_args(argv)

@@ -31,11 +31,16 @@ class UsageError(ValueError):
 
 
 def run_script(main: Callable[[], None], *errors: type[Exception]) -> None:
-    """A script's `__main__`: a UsageError (or one of `errors`) becomes `<script>: error: <message>`, exit 1."""
+    """A script's `__main__`: a UsageError (or one of `errors`) becomes `<script>: error: <message>`, exit 1;
+    so does running out of GPU memory despite the estimate (Trainer.micro_batch)."""
+    script = os.path.basename(sys.argv[0])
     try:
         main()
     except (UsageError, *errors) as e:
-        sys.exit(f"{os.path.basename(sys.argv[0])}: error: {e}")
+        sys.exit(f"{script}: error: {e}")
+    except torch.OutOfMemoryError:
+        sys.exit(f"{script}: error: out of GPU memory: pass a smaller --micro-batch, or use more processes or a "
+                 f"smaller --batch")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -501,6 +506,36 @@ class Interruptible:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Memory: micro-batches that fit the device, or one line that says what to change
+
+# Bytes a ViT keeps for its backward, per image, token, unit of width and block, for one encoder pass with
+# gradient: measured on a CPU (bench/README.md, "Micro-batching"; rRCM-S and B: 42 and 37 in bf16, 76 and 74 in
+# fp32), rounded up, so an estimate errs on the safe side.
+ACTIVATION_BYTES = {"bf16": 44, "fp32": 80}
+
+
+def activation_bytes(cfg: ViTConfig, precision: str) -> int:
+    """Estimated activation memory per image of one encoder pass with gradient."""
+    tokens = 2 + (cfg.img_size // cfg.patch_size) ** 2
+    return ACTIVATION_BYTES[precision] * tokens * cfg.width * cfg.depth
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes this process can still allocate: the GPU's free memory, or on a CPU the kernel's MemAvailable (within
+    a cgroup's limit, where one is set)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as f:
+        free = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            free = min(free, int(f.read()) - int(g.read()))
+    except (OSError, ValueError):  # no cgroup v2 limit ("max"), or none readable
+        pass
+    return free
+
+
+# ----------------------------------------------------------------------------------------------------
 # The training loop's skeleton, shared by pretrain.py and finetune.py
 
 def warmup_cosine(k: int, total: int, warmup: int, peak: float) -> float:
@@ -552,6 +587,56 @@ class Trainer:
             obj.load_state_dict(checkpoint[name])
         return checkpoint["step"]
 
+    def micro_batch(self, requested: int | None, model: ViT, grad_passes: int, input_bytes: int) -> int | None:
+        """Images per encoder pass with gradient, checked against the device's memory before the first step: None
+        (this rank's whole share of --batch at once) when the share fits, else the largest divisor of the share that
+        does, or --micro-batch as given. Refuses, in one line, a run that fits at no micro-batch (never an
+        out-of-memory kill after a minute of silence). grad_passes: encoder passes with gradient per image and step,
+        whose activations coexist in a whole-share step; input_bytes: the step's inputs per image."""
+        share = self.args.batch // self.world
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        per_image = activation_bytes(model.cfg, self.args.precision)
+        tokens = 2 + (model.cfg.img_size // model.cfg.patch_size) ** 2
+        # gradients and AdamW's two moments (fp32, allocated at the first step), the inputs, and a forward without
+        # gradient over the share (the keys), which holds a few fp32 activations of each image at a time
+        fixed = 12 * params + share * (input_bytes + 16 * tokens * model.cfg.width)
+        free = int(0.9 * free_memory(self.device))  # a margin for the allocator and the rest of the process
+        gb = lambda b: f"{b / 1e9:.1f} GB"
+        if requested is None and fixed + grad_passes * share * per_image <= free:
+            self.memory = f"memory: the whole batch share of {share} images needs about {gb(fixed + grad_passes * share * per_image)} of {gb(free)} free"
+            return None
+        fits = [d for d in range(1, share + 1) if share % d == 0 and fixed + d * per_image <= free]
+        if requested is not None:
+            if fixed + min(requested, share) * per_image > free:
+                raise UsageError(f"--micro-batch {requested} needs about {gb(fixed + requested * per_image)} and "
+                                 f"{gb(free)} are free on this {self.device.type}; the largest that fits is "
+                                 f"{max(fits) if fits else 'none'}")
+            micro = min(requested, share)
+        elif not fits:
+            raise UsageError(f"this run needs about {gb(fixed)} for gradients, optimizer state and inputs plus "
+                             f"{per_image / 1e6:.0f} MB per image of a micro-batch, and {gb(free)} are free on this "
+                             f"{self.device.type}: use more processes (torchrun), a smaller --batch or a smaller --preset")
+        else:
+            micro = max(fits)
+        self.memory = (f"memory: micro-batches of {micro} of the {share} images of this rank's share, about "
+                       f"{gb(fixed + micro * per_image)} of {gb(free)} free (the whole share would need "
+                       f"{gb(fixed + grad_passes * share * per_image)})")
+        return micro
+
+    def average_gradients(self, model: torch.nn.Module) -> None:
+        """What DDP does after a backward, for steps that run several (micro-batches): every rank's gradients
+        averaged, in one all-reduce of one flat buffer."""
+        if self.world == 1:
+            return
+        grads = [p.grad for p in model.parameters() if p.grad is not None]
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
     def distribute(self, module: torch.nn.Module) -> torch.nn.Module:
         """DistributedDataParallel over the processes (gradients averaged once per backward), or the module."""
         if self.world == 1:
@@ -569,6 +654,8 @@ class Trainer:
         self.say(f"{self.script} | {model.num_params() / 1e6:.2f}M parameters | {self.world} process(es) on "
                  f"{self.device.type} | precision {self.args.precision} | kernels {kernels.backend()}{about} | "
                  f"config: {vars(self.args)}")
+        if getattr(self, "memory", None):
+            self.say(self.memory)
         if first:
             self.say(f"resuming {self.path} at step {first}")
         if self.device.type == "cpu":

@@ -1,5 +1,6 @@
 """Linear probing of a pre-trained encoder (paper App. E, Table 6): the quickest check that pre-training
-learned trajectory-consistent representations.
+learned trajectory-consistent representations, with RFD, the Frechet distance between the representations of
+noisy and clean points of the same trajectories (lower: more alike).
 
 The encoder is frozen. A linear head is trained on the representations of *clean* training images (read at
 t = sigma_min, the end of the trajectory), then evaluated on test images with pixel-space noise sigma,
@@ -10,6 +11,7 @@ LayerNorm on ImageNet (released train.layernorm). This is a quick diagnostic, no
 linear task (which trains with augmentation, layer decay and an entropy term for 100 epochs).
 
     python linear_probe.py --checkpoint out/pretrain/ckpt.pt --data-dir data
+    python linear_probe.py --checkpoint a/ckpt.pt b/ckpt.pt --plot probe.png      # several, one figure
 """
 import argparse
 import math
@@ -21,7 +23,7 @@ import jobs
 import kernels
 from data import Images, add_workers_flag, generator, seeded_noise
 from jobs import clock, load_checkpoint, model_from_checkpoint
-from model import SIGMA_MIN, ViT, noisy_input, to_model_space
+from model import NORM_STD, SIGMA_MAX, SIGMA_MIN, ViT, noisy_input, to_model_space
 
 
 def sigma_list(text: str) -> list[float]:
@@ -36,7 +38,8 @@ def sigma_list(text: str) -> list[float]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = jobs.Parser("linear_probe.py", "linear probing of a pre-trained rRCM encoder")
-    p.add_argument("--checkpoint", default="out/pretrain/ckpt.pt", help="a pretrain.py checkpoint")
+    p.add_argument("--checkpoint", nargs="+", default=["out/pretrain/ckpt.pt"], help="pretrain.py checkpoints, each "
+                   "probed in turn (one row of the table, one line of the plot)")
     p.add_argument("--data-dir", default="data", help="holds cifar-10-batches-py/ or ImageNet train/ val/")
     add_workers_flag(p)
     p.add_argument("--sigmas", type=sigma_list, default="0,0.25,0.5,1.0", help="test noise levels in pixel space (comma-separated)")
@@ -46,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=jobs.at_least(1), default=256, help="images per batch (encoding and head training)")
     p.add_argument("--lr", type=jobs.positive, default=1e-3, help="AdamW lr of the head, weight decay 0")
     p.add_argument("--seed", type=int, default=0, help="head init, order and test noise")
+    p.add_argument("--plot", default=None, help="write accuracy against sigma, one line per checkpoint, to this PNG "
+                   "(needs matplotlib)")
     p.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
     return p.parse_args(argv)
 
@@ -93,29 +98,77 @@ def train_head(feats: torch.Tensor, labels: torch.Tensor, num_classes: int, epoc
     return head
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    _, _, device = jobs.start_processes(args.kernels)
-    ckpt = load_checkpoint(args.checkpoint, "pretrain")
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """RFD (App. E, Table 6): the Frechet distance ||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)) between
+    Gaussians fitted to two sets of representations [n, d], in float64."""
+    import numpy as np
+    from scipy.linalg import sqrtm
+    a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = sqrtm(s_a @ s_b).real  # the imaginary part is rounding
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
+
+
+def probe(path: str, args, device: torch.device) -> tuple[list[float], list[float]]:
+    """(accuracy % at each --sigmas, RFD to the clean representations at each positive sigma and at the trajectory's
+    end T) of one checkpoint. The noisy test images of every sigma share their noise, so they are points of the
+    same trajectories x + t eps; T is the checkpoint's --sigma-max (80 unless an ablation changed it)."""
+    ckpt = load_checkpoint(path, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()
     dataset = ckpt["config"]["dataset"]
     train, test = (Images(dataset, args.data_dir, split, device, workers=args.workers) for split in ("train", "test"))
     norm = dataset == "imagenet"
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"linear probe of {args.checkpoint} (step {ckpt['step']}) on {where}: head fitted on "
+    print(f"linear probe of {path} (step {ckpt['step']}) on {where}: head fitted on "
           f"{min(args.train_images, len(train)):,} clean training images, tested on {min(args.test_images, len(test)):,} "
           f"test images at sigma {', '.join(f'{s:g}' for s in args.sigmas)}", flush=True)
     feats, labels = representations(model, train, args.train_images, 0.0, args.seed, args.batch, norm, "clean training images")
     start = time.time()
     head = train_head(feats, labels, model.cfg.num_classes, args.epochs, args.batch, args.lr, args.seed)
     print(f"head trained: {args.epochs} epochs in {clock(time.time() - start)}", flush=True)
-    accuracies = []
+    end = ckpt["config"].get("sigma_max", SIGMA_MAX) * NORM_STD  # T in pixel space: t = 2 sigma
+    encoded = {}
     with torch.no_grad():
-        for sigma in args.sigmas:
-            f, y = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm, f"test images, sigma {sigma:g}")
-            accuracies.append((head(f).argmax(1) == y).float().mean().item() * 100)
-    print("sigma     " + " ".join(f"{s:6.2f}" for s in args.sigmas))
-    print("accuracy  " + " ".join(f"{a:6.1f}" for a in accuracies))
+        for sigma in sorted({0.0, *args.sigmas, end}):
+            encoded[sigma] = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm,
+                                             f"test images, sigma {sigma:g}")
+    accuracies = [(head(encoded[s][0]).argmax(1) == encoded[s][1]).float().mean().item() * 100 for s in args.sigmas]
+    rfd = [frechet_distance(encoded[s][0], encoded[0.0][0]) for s in [*sorted(s for s in args.sigmas if s > 0), end]]
+    return accuracies, rfd
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    _, _, device = jobs.start_processes(args.kernels)
+    rows = [(path, *probe(path, args, device)) for path in args.checkpoint]
+    noisy = sorted(s for s in args.sigmas if s > 0)
+    width = max(len(p) for p in args.checkpoint)
+    print(f"{'':{width}}  accuracy (%) at sigma{' ' * max(0, 7 * len(args.sigmas) - 21)}  RFD to the clean representations at sigma")
+    print(f"{'checkpoint':{width}}  " + " ".join(f"{s:6.2f}" for s in args.sigmas) + "  "
+          + " ".join(f"{s:8.2f}" for s in noisy) + "  trajectory end T")
+    for path, accuracies, rfd in rows:
+        print(f"{path:{width}}  " + " ".join(f"{a:6.1f}" for a in accuracies) + "  " + " ".join(f"{d:8.3f}" for d in rfd[:-1])
+              + f"  {rfd[-1]:8.3f}")
+    if args.plot:
+        plot(rows, args.sigmas, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def plot(rows: list, sigmas: list[float], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise jobs.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, accuracies, _ in rows:
+        ax.plot(sigmas, accuracies, marker="o", label=name)
+    ax.set(xlabel="test noise sigma (pixel space)", ylabel="linear-probe accuracy (%)", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
 
 
 if __name__ == "__main__":

@@ -56,11 +56,11 @@ def noisy_input(x: torch.Tensor, sigma: float, eps: torch.Tensor) -> tuple[torch
     return to_model_space(x + sigma * eps), smoothing_time(sigma)
 
 
-def edm_sigmas(N: int) -> torch.Tensor:
+def edm_sigmas(N: int, sigma_max: float = SIGMA_MAX) -> torch.Tensor:
     """t_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho, i = 0..N-1.
     Decreasing: t_0 = sigma_max, t_{N-1} = sigma_min (float64 so the ends are exact)."""
     i = torch.arange(N, dtype=torch.float64)
-    lo, hi = SIGMA_MIN ** (1 / RHO), SIGMA_MAX ** (1 / RHO)
+    lo, hi = SIGMA_MIN ** (1 / RHO), sigma_max ** (1 / RHO)
     return (hi + i / (N - 1) * (lo - hi)) ** RHO
 
 

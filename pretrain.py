@@ -29,6 +29,7 @@ Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume con
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -38,56 +39,99 @@ import jobs
 import kernels
 from data import Images, add_workers_flag, batch_indices, generator, local_shards
 from jobs import Trainer, gather_rows, warmup_cosine
-from model import PRESETS, SIGMA_MIN, ViT, edm_sigmas, global_batchnorm, to_model_space, vit_config
+from model import PRESETS, SIGMA_MAX, SIGMA_MIN, ViT, edm_sigmas, global_batchnorm, to_model_space, vit_config
 
 
 # ----------------------------------------------------------------------------------------------------
 # Losses
 
-def consistency_loss(model: ViT, x0, eps, t_n: float, t_next: float, tau: float) -> torch.Tensor:
-    """Eq. (7)-(8), (11): InfoNCE between h(x_{t_n}) and stop-grad h(x_{t_{n+1}}) on one trajectory."""
-    q = F.normalize(model.features(x0 + t_n * eps, t_n), dim=1)
-    with torch.no_grad():  # EMA rate 0: the key is the online model itself, without gradient
-        k = F.normalize(model.features(x0 + t_next * eps, t_next), dim=1)
-    keys, offset = gather_rows(k)
-    return kernels.info_nce(q, keys, tau, offset).mean()
+def consistency_loss(h_query: torch.Tensor, h_key: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. (7)-(8), (11): InfoNCE of h(x_{t_n}, t_n) against the stop-grad key h(x_{t_{n+1}}, t_{n+1}) of the same
+    trajectory (the same eps), the other images' keys of the global batch as negatives."""
+    keys, offset = gather_rows(F.normalize(h_key, dim=1))
+    return kernels.info_nce(F.normalize(h_query, dim=1), keys, tau, offset).mean()
 
 
-def project(model: ViT, views: tuple, eps) -> list[torch.Tensor]:
-    """L2-normalised projector outputs of the views at t = sigma_min. One encoder pass for all views; the
-    projector (BatchNorm) sees each view on its own, as in MoCo v3."""
-    h = model.features(torch.cat(views) + SIGMA_MIN * eps.repeat(len(views), 1, 1, 1), SIGMA_MIN).chunk(len(views))
-    return [F.normalize(model.projector(part), dim=1) for part in h]
-
-
-def contrastive_loss(queries: list, keys: list, tau: float) -> torch.Tensor:
-    """MoCo-v3 InfoNCE of each query against the target key of the other view, summed over the directions
-    given: [q1] against [k2] (one direction, Algorithm 1), or [q1, q2] against [k2, k1] (--symmetric)."""
+def contrastive_loss(model: ViT, h_views: torch.Tensor, keys: list, tau: float) -> torch.Tensor:
+    """MoCo v3: the online projector's outputs of the query views against the target's keys of the other views,
+    summed over the directions: view 1 against view 2's key (Algorithm 1), or both ways (--symmetric)."""
     loss = 0.0
-    for q, k in zip(queries, keys):
+    for h, k in zip(h_views.chunk(len(keys)), keys):  # the projector's BatchNorm sees each view on its own
         gathered, offset = gather_rows(k)
-        loss = loss + kernels.info_nce(q, gathered, tau, offset).mean()
+        loss = loss + kernels.info_nce(F.normalize(model.projector(h), dim=1), gathered, tau, offset).mean()
     return loss
 
 
+def losses(model: ViT, h_query, h_views, h_key, keys, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(consistency, contrastive) from the encoder's outputs; a term left out by --objective is 0."""
+    zero = torch.zeros((), device=(h_query if h_query is not None else h_views).device)
+    return (consistency_loss(h_query, h_key, tau) if h_query is not None else zero,
+            contrastive_loss(model, h_views, keys, tau) if h_views is not None else zero)
+
+
 class Objective(nn.Module):
-    """Every online pass of a step in one forward, so DDP sees them all (and syncs gradients once). One
-    direction: only view 1 goes through the online encoder and only view 2 through the target, summed 1 : 1
-    with consistency (099127a:rrcm/rrcm_denoiser.py:174-180, 198); --symmetric: both views through both."""
+    """Every online pass with gradient of a step in one forward, so DDP sees them all and syncs gradients once:
+    the consistency query x_{t_n} and the contrastive query views. Both losses are summed 1 : 1 (Algorithm 1,
+    099127a:rrcm/rrcm_denoiser.py:174-198)."""
 
-    def __init__(self, model: ViT, tau: float, symmetric: bool):
+    def __init__(self, model: ViT, tau: float):
         super().__init__()
-        self.model, self.tau, self.symmetric = model, tau, symmetric
+        self.model, self.tau = model, tau
 
-    def forward(self, x0, v1, v2, eps, t_n: float, t_next: float, keys: list):
-        queries = project(self.model, (v1, v2) if self.symmetric else (v1,), eps)
-        return (consistency_loss(self.model, x0, eps, t_n, t_next, self.tau),
-                contrastive_loss(queries, keys, self.tau))
+    def forward(self, query: list | None, views: list | None, h_key, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        h_query = self.model.features(*noisy(query)) if query else None
+        h_views = self.model.features(*noisy(views)) if views else None
+        return losses(self.model, h_query, h_views, h_key, keys, self.tau)
 
 
-def target_views(v1, v2, symmetric: bool) -> tuple:
-    """The views the target encodes, in the order of Objective's queries: view 2's key for view 1's query."""
-    return (v2, v1) if symmetric else (v2,)
+def noisy(views: list[tuple]) -> tuple[torch.Tensor, float | torch.Tensor]:
+    """The encoder's input x + t eps of views (x, t, eps), one after the other, and its time: a number, or one per
+    image where the views' times differ (t is a number or a tensor of one time per image)."""
+    x = torch.cat([v + (t if isinstance(t, float) else t[:, None, None, None]) * e for v, t, e in views])
+    times = [t for _, t, _ in views]
+    if all(isinstance(t, float) and t == times[0] for t in times):
+        return x, times[0]
+    return x, torch.cat([torch.full((len(v),), t, device=v.device) if isinstance(t, float) else t for v, t, _ in views])
+
+
+@torch.no_grad()
+def encode(model: ViT, views: list[tuple], micro: int | None) -> torch.Tensor:
+    """model.features of noisy views without gradient, `micro` images at a time (all at once if None)."""
+    if micro is None:
+        return model.features(*noisy(views))
+    return torch.cat([model.features(*noisy([(v[k:k + micro], t if isinstance(t, float) else t[k:k + micro], e[k:k + micro])]))
+                      for v, t, e in views for k in range(0, len(v), micro)])
+
+
+@torch.no_grad()
+def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[torch.Tensor]:
+    """The target's contrastive keys: L2-normalised projector outputs of each view (its BatchNorm over the view)."""
+    return [F.normalize(model.projector(h), dim=1) for h in encode(model, views, micro).chunk(len(views))]
+
+
+def backward_micro_batches(objective: Objective, query: list | None, views: list | None, h_key, keys, micro: int,
+                           precision, check: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's losses, and their gradients in the model's .grad, `micro` images at a time: exact (GradCache, Gao et
+    al. 2021). The keys carry no gradient and each query's loss depends on its own row, so: the encoder outputs
+    without gradient, micro-batch by micro-batch; the projector, its BatchNorm and both losses on the whole batch with
+    gradient w.r.t. those outputs; then each micro-batch encoded again with gradient and handed its rows of the
+    outputs' gradient. The whole batch's gradients at one micro-batch's memory, for one more encoder forward."""
+    model = objective.model
+    with precision:
+        h_query = encode(model, query, micro).requires_grad_() if query else None
+        h_views = encode(model, views, micro).requires_grad_() if views else None
+        loss_cons, loss_ctr = losses(model, h_query, h_views, h_key, keys, objective.tau)
+    check(loss_cons, loss_ctr)
+    (loss_cons + loss_ctr).backward()
+    for part, h in ((query, h_query), (views, h_views)):
+        rows = 0
+        for v, t, e in part or ():
+            for k in range(0, len(v), micro):
+                with precision:
+                    out = model.features(*noisy([(v[k:k + micro], t if isinstance(t, float) else t[k:k + micro], e[k:k + micro])]))
+                out.backward(h.grad[rows:rows + len(out)])
+                rows += len(out)
+    return loss_cons, loss_ctr
 
 
 @torch.no_grad()
@@ -99,13 +143,47 @@ def update_target(target: ViT, model: ViT, rate: float) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Schedules
+# Schedules: the trajectory's discretisation, the points each step aligns, the target's EMA
 
 def num_scales(step: int, total_steps: int, start: int = 20, end: int = 80) -> int:
     """N(k) = min(s0 * 2^ceil(k / K'), s1) + 1 with K' = ceil(K / log2(ceil(s1 / s0) + 1)): the iCT
     doubling curriculum exactly as the authors implement it (with ceil, N = 21 only at step 0)."""
     k_prime = math.ceil(total_steps / math.log2(math.ceil(end / start) + 1))
     return min(start * 2 ** math.ceil(step / k_prime), end) + 1
+
+
+def consistency_times(step: int, args) -> tuple[float, float, list[float]]:
+    """(t_n, the key's time, the step's grid t_0 > ... > t_{N-1}): n uniform in 0 .. N - 2 and the adjacent point
+    t_{n+1} (Eq. 11). Ablations (App. G, Fig. 11): --align initial keys to the trajectory's initial point sigma_min;
+    --query-times draws t_n from a set or an interval instead; --sigma-max ends the trajectory at T. One draw per
+    step, the same on every rank."""
+    sigmas = edm_sigmas(num_scales(step, args.steps), args.sigma_max).tolist()
+    g = generator(torch.device("cpu"), args.seed, "n", step)
+    if args.query_times is None:
+        n = int(torch.randint(0, len(sigmas) - 1, (1,), generator=g))
+        t_n, t_next = sigmas[n], sigmas[n + 1]
+    elif isinstance(args.query_times, tuple):  # an interval (low, high)
+        t_n = args.query_times[0] + float(torch.rand(1, generator=g)) * (args.query_times[1] - args.query_times[0])
+    else:
+        t_n = args.query_times[int(torch.randint(0, len(args.query_times), (1,), generator=g))]
+    return t_n, (SIGMA_MIN if args.align == "initial" else t_next), sigmas
+
+
+def contrastive_views(v1, v2, eps, view_noise, sigmas: list[float]) -> list[tuple]:
+    """The two MoCo views as (x, t, eps): read at t = sigma_min with the trajectory's eps (App. C); under
+    --objective moco-noise each view with its own eps at a time drawn per image from the step's grid."""
+    if view_noise is None:
+        return [(v1, SIGMA_MIN, eps), (v2, SIGMA_MIN, eps)]
+    u, e = view_noise
+    grid = torch.tensor(sigmas, dtype=torch.float32, device=v1.device)
+    times = grid[(u * len(sigmas)).long().clamp_max(len(sigmas) - 1)]
+    return [(v1, times[0], e[0]), (v2, times[1], e[1])]
+
+
+def directions(views: list, symmetric: bool) -> tuple[list, list]:
+    """(the online encoder's query views, the target's key views, in the same order): view 1 against view 2's key
+    (Algorithm 1 and the paper-time code), and with --symmetric view 2 against view 1's as well."""
+    return (views, views[::-1]) if symmetric else (views[:1], views[1:])
 
 
 def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: float = 0.9999) -> float:
@@ -131,57 +209,82 @@ def main(argv=None) -> None:
         model.patch_embed.requires_grad_(False)
     target = ViT(model.cfg).to(run.device).requires_grad_(False)
     target.load_state_dict(model.state_dict())
+    # the consistency key's encoder: the online model itself (EMA rate 0, the paper's), or an EMA copy (App. G)
+    key_model = ViT(model.cfg).to(run.device).requires_grad_(False) if args.consistency_ema > 0 else model
+    key_model.load_state_dict(model.state_dict())
     if run.world > 1:  # the projector's BatchNorm sees the global batch, as in the authors' (SyncBatchNorm) runs;
         global_batchnorm(model), global_batchnorm(target)  # before the optimizer takes the parameters
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
-    step = run.resume(model=model, target=target, optimizer=opt)
-    objective = run.distribute(Objective(model, args.tau, args.symmetric))
+    step = run.resume(model=model, target=target, optimizer=opt, **({"consistency_target": key_model} if args.consistency_ema > 0 else {}))
+    micro = run.micro_batch(args.micro_batch, model, grad_passes(args), input_bytes=6 * 3 * model.cfg.img_size ** 2 * 4)
+    objective = Objective(model, args.tau)
+    net = run.distribute(objective) if micro is None else objective  # micro-batches average gradients themselves
     if args.compile:  # the encoders' blocks, where the time goes; the projector and the losses stay eager
-        model.compile_blocks()
-        target.compile_blocks()
-    run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args.symmetric))
+        for m in {model, target, key_model}:
+            m.compile_blocks()
+    run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args, micro))
     data.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, "pretrain")  # ImageNet: decode ahead
+    consistency, contrastive = args.objective in ("rrcm", "consistency-only"), args.objective != "consistency-only"
 
     for step in run.steps(step, args.steps, data=data):
-        N = num_scales(step, args.steps)
-        sigmas = edm_sigmas(N).tolist()
-        n = int(torch.randint(0, N - 1, (1,), generator=generator(torch.device("cpu"), args.seed, "n", step)))
-        x0, v1, v2, eps = step_inputs(data, step, args, run.rank, run.world, run.device)
+        t_n, t_key, sigmas = consistency_times(step, args)
+        x0, v1, v2, eps, view_noise = step_inputs(data, step, args, run.rank, run.world, run.device)
+        query_views, key_views = directions(contrastive_views(v1, v2, eps, view_noise, sigmas), args.symmetric)
+        query = [(x0, t_n, eps)] if consistency else None
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr)
-        with run.autocast:
-            with torch.no_grad():
-                keys = project(target, target_views(v1, v2, args.symmetric), eps)
-            loss_cons, loss_ctr = objective(x0, v1, v2, eps, sigmas[n], sigmas[n + 1], keys)
-            loss = loss_cons + loss_ctr
-        run.check_finite(loss.detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+
+        def check(loss_cons, loss_ctr):  # before any gradient touches the weights
+            run.check_finite((loss_cons + loss_ctr).detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
+        with run.autocast:  # the stop-grad keys
+            h_key = encode(key_model, [(x0, t_key, eps)], micro) if consistency else None
+            keys = project(target, key_views, micro) if contrastive else None
+        if micro is None:
+            with run.autocast:
+                loss_cons, loss_ctr = net(query, query_views if contrastive else None, h_key, keys)
+            check(loss_cons, loss_ctr)
+            (loss_cons + loss_ctr).backward()
+        else:
+            loss_cons, loss_ctr = backward_micro_batches(objective, query, query_views if contrastive else None, h_key,
+                                                         keys, micro, run.autocast, check)
+            run.average_gradients(model)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if step >= args.warmup else float("inf"))
         opt.step()
         rate = ema_rate(step, args.steps, args.ema_sharpness)
         update_target(target, model, rate)
+        if key_model is not model:
+            update_target(key_model, model, args.consistency_ema)
         if run.log_due(step + 1):
             run.log(step + 1, dict(consistency=loss_cons, contrastive=loss_ctr), f"lr {opt.param_groups[0]['lr']:.2e}",
-                    f"ema {rate:.5f}", f"N {N}", f"grad {grad_norm.item():.3f}")
+                    f"ema {rate:.5f}", f"N {len(sigmas)}", f"grad {grad_norm.item():.3f}")
 
 
-def step_inputs(data: Images, step: int, args, rank: int, world: int, device) -> tuple[torch.Tensor, ...]:
-    """This rank's (x0, v1, v2, eps) of step k in model space, drawn shard by shard (data.local_shards).
-    eps is shared by both trajectory points (Eq. 11) and, at t = sigma_min, by both views."""
+def step_inputs(data: Images, step: int, args, rank: int, world: int, device) -> tuple:
+    """This rank's (x0, v1, v2, eps, view_noise) of step k in model space, drawn shard by shard (data.local_shards).
+    eps is shared by both trajectory points (Eq. 11) and, at t = sigma_min, by both views; view_noise is None, or
+    under --objective moco-noise each view's uniforms (for its times) and its own noise."""
     parts = []
     for shard, idx in local_shards(batch_indices(len(data), args.batch, step, args.seed, rank, world), rank, world, args.shards):
         g = generator(device, args.seed, "step", step, shard)
         x0, v1, v2 = (to_model_space(v) for v in data.pretrain_views(idx, g))
         parts.append((x0, v1, v2, torch.randn(x0.shape, generator=g, device=device)))
-    return tuple(torch.cat(p) for p in zip(*parts))
+        if args.objective == "moco-noise":  # drawn after the rest, so the other objectives' draws are unchanged
+            parts[-1] += (torch.rand(2, len(x0), generator=g, device=device), torch.randn((2, *x0.shape), generator=g, device=device))
+    x0, v1, v2, eps, *noise = (torch.cat(p, dim=1 if k > 3 else 0) for k, p in enumerate(zip(*parts)))
+    return x0, v1, v2, eps, (tuple(noise) if noise else None)
 
 
-def forwards_per_image(symmetric: bool) -> int:
-    """Forward-equivalents per image and step (a backward counts as 2): online passes with gradients x 3 plus
-    passes without. One direction: consistency query + view 1 online (6), consistency key + target view 2
-    (2) = 8; --symmetric adds view 2 online and target view 1: 9 + 3 = 12."""
-    return 12 if symmetric else 8
+def grad_passes(args) -> int:
+    """Encoder passes with gradient per image and step: the consistency query, and one per contrastive query view."""
+    return (args.objective in ("rrcm", "consistency-only")) + (args.objective != "consistency-only") * (1 + args.symmetric)
+
+
+def forwards_per_image(args, micro: int | None = None) -> int:
+    """Forward-equivalents per image and step (a backward counts as 2): each pass with gradient 3, or 4 in
+    micro-batches (they encode it once more), and as many passes without (its key). The paper's objective: the
+    consistency query and view 1 with gradient, their keys without: 8; --symmetric: 12."""
+    return (4 if micro is None else 5) * grad_passes(args)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -240,8 +343,26 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="add the second contrastive direction (view 2's query against view 1's key; 2 : 1 with "
                         "consistency), as the released code since 2025-01-23; default: one direction, 1 : 1, as the "
                         "paper's Algorithm 1 and the code the paper's tables came from")
+    g = p.add_argument_group("ablations (paper App. F and G; the defaults are the method)")
+    g.add_argument("--objective", default="rrcm", choices=OBJECTIVES, help="rrcm: consistency + contrastive (Eq. 11); "
+                   "consistency-only; contrastive-only (MoCo v3 at t = sigma_min); moco-noise: MoCo v3 whose two views "
+                   "each get their own Gaussian noise at a time drawn per image from the trajectory's grid, and no "
+                   "consistency term (App. F: noise augmentation without the trajectory's structure; the paper's text "
+                   "was not at hand when this was written, so the noise levels are this project's reading)")
+    g.add_argument("--consistency-ema", type=jobs.interval(0, 1), default=0.0, help="EMA rate of the consistency "
+                   "key's encoder (EMA2, Fig. 10); 0: the online model itself, as the paper")
+    g.add_argument("--sigma-max", type=jobs.interval(0.01, low_open=True), default=SIGMA_MAX,
+                   help="T, the trajectory's end (Fig. 11: 1 instead of 80)")
+    g.add_argument("--align", default="adjacent", choices=("adjacent", "initial"), help="the consistency key: the "
+                   "adjacent point x_{t_{n+1}} (Eq. 11), or the trajectory's initial point x_{sigma_min} (Fig. 11)")
+    g.add_argument("--query-times", type=query_times, default=None, help="with --align initial: the query's times t_n "
+                   "(model space, t = 2 sigma), a set '0.5,1,2' (one drawn per step) or an interval '0.5:2' (Fig. 11); "
+                   "unset: the grid of the curriculum")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
+    g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images per encoder pass with gradient, "
+                   "with the same result as the whole batch (GradCache); unset: the whole batch where it fits the "
+                   "device's free memory, else the largest micro-batch that does")
     jobs.add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
@@ -249,6 +370,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.batch < 2:
         p.error("--batch must be >= 2: the projector's BatchNorm normalises over the batch (one image has no variance)")
+    if args.query_times is not None and args.align != "initial":
+        p.error("--query-times needs --align initial: an arbitrary t_n has no adjacent grid point")
     args.data_dir = os.path.abspath(args.data_dir)  # resuming checks it, so it must not depend on the cwd
     return args
 
@@ -265,7 +388,20 @@ tau.__name__ = "float"
 
 
 RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
-            "grad_clip", "tau", "ema_sharpness", "symmetric", "seed", "shards", "precision")
+            "grad_clip", "tau", "ema_sharpness", "symmetric", "objective", "consistency_ema", "sigma_max", "align",
+            "query_times", "seed", "shards", "precision")
+OBJECTIVES = ("rrcm", "consistency-only", "contrastive-only", "moco-noise")
+
+
+def query_times(text: str) -> tuple[float, float] | list[float]:
+    """--query-times: '0.5:2' an interval (low, high), '0.5,1,2' a set; times > 0."""
+    try:
+        values = [float(v) for v in text.split(":" if ":" in text else ",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be times like '0.5,1,2' or '0.5:2', got {text!r}") from None
+    if not all(math.isfinite(v) and v > 0 for v in values) or (":" in text and (len(values) != 2 or values[0] >= values[1])):
+        raise argparse.ArgumentTypeError(f"must be positive times, a set '0.5,1,2' or an interval low:high, got {text!r}")
+    return tuple(values) if ":" in text else values
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ def test_two_processes_train_like_one(cifar_dir, tmp_path):
         gap = update_difference(two[weights], one[weights], start)
         assert gap < UPDATE_TOLERANCE, f"{weights}: updates differ by {gap:.2%}"
     assert same_weights(two["model"], one["model"], 1e-5) and same_weights(two["target"], one["target"], 1e-5)
+    # micro-batches of 3 of each rank's 10 images (3, 3, 3, 1), gradients averaged by hand: the same step again
+    result = torchrun("pretrain.py", *pre, "--micro-batch", "3", "--out", str(tmp_path / "pre2m"), log_dir=tmp_path / "logs3", flags=flags)
+    assert result.returncode == 0, rank_errors(result)
+    micro = load_checkpoint(str(tmp_path / "pre2m" / "ckpt.pt"), "pretrain")
+    for weights in ("model", "target"):
+        gap = update_difference(micro[weights], one[weights], start)
+        assert gap < UPDATE_TOLERANCE, f"micro-batched {weights}: updates differ by {gap:.2%}"
 
     ft = ["--init", str(tmp_path / "pre1" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
           "--batch", "20", "--train-head"]

@@ -49,8 +49,24 @@ def test_linear_probe_script(cifar_dir, tmp_path, capsys):
     assert lines[0].startswith("linear probe of") and "60 clean training images" in lines[0]
     encoding = [line for line in lines if line.startswith("encoding")]
     assert encoding[0].startswith("encoding clean training images: 60 / 60 images") and "ETA" in encoding[0]
-    assert len(encoding) == 5  # the training set, then the test set at each of the four sigmas
-    sigma = next(line for line in lines if line.startswith("sigma"))
-    assert sigma.split() == ["sigma", "0.00", "0.25", "0.50", "1.00"]
-    accuracies = [float(a) for a in lines[lines.index(sigma) + 1].split()[1:]]
+    assert len(encoding) == 6  # the training set, then the test set at sigma 0, 0.25, 0.5, 1.0 and at T (40)
+    header = next(line for line in lines if line.startswith("checkpoint"))
+    assert header.split()[1:5] == ["0.00", "0.25", "0.50", "1.00"] and header.split()[5:8] == ["0.25", "0.50", "1.00"]
+    row = lines[lines.index(header) + 1].split()
+    accuracies, rfd = [float(a) for a in row[1:5]], [float(d) for d in row[5:]]
     assert len(accuracies) == 4 and accuracies[0] >= 50  # solid-colour classes, 10% is chance
+    assert len(rfd) == 4 and all(d >= 0 for d in rfd) and rfd[-1] > rfd[0]  # pure noise is further than sigma 0.25
+
+
+def test_frechet_distance_is_the_closed_form_for_gaussians():
+    """For diagonal covariances (which commute) the Frechet distance is sum (mu_a - mu_b)^2 + (s_a - s_b)^2 per
+    dimension; checked on features whose sample means and covariances are exactly known."""
+    torch.manual_seed(0)
+    z = torch.randn(4000, 3, dtype=torch.float64)
+    z = (z - z.mean(0)) / z.std(0)  # standardised: sample mean 0, sample variance 1 in every dimension
+    z = torch.linalg.qr(z)[0] * (len(z) - 1) ** 0.5  # orthonormal columns: sample covariance exactly the identity
+    scale_a, scale_b = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([3.0, 1.0, 0.5])
+    a = z * scale_a + torch.tensor([1.0, 0.0, -1.0])
+    b = z * scale_b
+    want = float(((torch.tensor([1.0, 0.0, -1.0])) ** 2).sum() + ((scale_a - scale_b) ** 2).sum())
+    assert abs(linear_probe.frechet_distance(a, b) - want) < 1e-9 and abs(linear_probe.frechet_distance(a, a)) < 1e-9

@@ -219,8 +219,10 @@ def reference_info_nce(q, k, tau):
 def test_contrastive_loss_one_direction_or_both():
     torch.manual_seed(0)
     q1, q2, k1, k2 = (F.normalize(torch.randn(6, 8), dim=1) for _ in range(4))
-    one = pretrain.contrastive_loss([q1], [k2], 0.2)
-    both = pretrain.contrastive_loss([q1, q2], [k2, k1], 0.2)
+    plain = torch.nn.Module()
+    plain.projector = torch.nn.Identity()  # the loss itself, without a projector in the way
+    one = pretrain.contrastive_loss(plain, q1, [k2], 0.2)
+    both = pretrain.contrastive_loss(plain, torch.cat([q1, q2]), [k2, k1], 0.2)
     assert one.item() == pytest.approx(reference_info_nce(q1, k2, 0.2).item(), rel=1e-5)
     assert both.item() == pytest.approx((reference_info_nce(q1, k2, 0.2) + reference_info_nce(q2, k1, 0.2)).item(), rel=1e-5)
 
@@ -233,17 +235,23 @@ def test_one_direction_by_default():
     torch.manual_seed(0)
     net = model.ViT(model.vit_config("tiny", "cifar10"))
     x0, v1, v2, v2_other, eps = (torch.rand(4, 3, 32, 32) for _ in range(5))
-    t_n, t_next = torch.tensor(2.0), torch.tensor(1.5)
-    assert pretrain.target_views(v1, v2, False) == (v2,)
-    keys = pretrain.project(net, (v2,), eps)
+    assert pretrain.directions(["v1", "v2"], False) == (["v1"], ["v2"])
+    assert pretrain.directions(["v1", "v2"], True) == (["v1", "v2"], ["v2", "v1"])
+    objective = pretrain.Objective(net, 0.2)
+    with torch.no_grad():
+        h_key = pretrain.encode(net, [(x0, 1.5, eps)], None)
     for symmetric, depends in ((False, False), (True, True)):
-        objective = pretrain.Objective(net, 0.2, symmetric)
-        keys = pretrain.project(net, pretrain.target_views(v1, v2, symmetric), eps)
-        with torch.no_grad():
-            a = objective(x0, v1, v2, eps, t_n, t_next, keys)[1]
-            b = objective(x0, v1, v2_other, eps, t_n, t_next, keys)[1]
-        assert (not torch.equal(a, b)) == depends
-    assert pretrain.forwards_per_image(False) == 8 and pretrain.forwards_per_image(True) == 12
+        losses = []
+        for second in (v2, v2_other):
+            views = pretrain.contrastive_views(v1, second, eps, None, [80.0, 0.002])
+            queries, key_views = pretrain.directions(views, symmetric)
+            keys = pretrain.project(net, pretrain.directions(pretrain.contrastive_views(v1, v2, eps, None, [80.0, 0.002]), symmetric)[1])
+            with torch.no_grad():
+                losses.append(objective([(x0, 2.0, eps)], queries, h_key, keys)[1])
+        assert (not torch.equal(*losses)) == depends
+    assert pretrain.forwards_per_image(pretrain.parse_args([])) == 8
+    assert pretrain.forwards_per_image(pretrain.parse_args(["--symmetric"])) == 12
+    assert pretrain.forwards_per_image(pretrain.parse_args([]), micro=4) == 10  # micro-batches encode once more
 
 
 def test_pretrain_refuses_a_batch_of_one_and_temperatures_out_of_range():
