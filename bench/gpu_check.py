@@ -292,7 +292,7 @@ def mfu(forwards_per_s: float, preset: str) -> float | None:
 def window_mfu(images_per_s: float, preset: str) -> float | None:
     """mfu at this pre-training rate."""
     import pretrain
-    return mfu(images_per_s * pretrain.forwards_per_image(symmetric=False), preset)
+    return mfu(images_per_s * pretrain.forwards_per_image(pretrain.parse_args([])), preset)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo, 2 processes), stopping on SIGINT/SIGTERM and resuming, non-finite losses, and wrong use."""
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -307,5 +308,5 @@ def test_preset_b_on_a_cpu_says_how_long_it_will_take_within_a_minute(script, ci
         proc.communicate()
     assert time.time() - start < 60 and lines[-1].startswith("estimate from a timed forward"), "".join(lines)
     assert "precision fp32" in lines[0] and "on cpu" in lines[0]  # device and precision first
-    hours, minutes, seconds = lines[-1].split(", ")[1].split()[0].split(":")
-    assert int(hours) * 3600 + int(minutes) * 60 + int(seconds) > 0
+    days, hours, minutes, seconds = re.search(r", (?:(\d+)d )?(\d+):(\d\d):(\d\d) for", lines[-1]).groups()
+    assert int(days or 0) * 86400 + int(hours) * 3600 + int(minutes) * 60 + int(seconds) > 0

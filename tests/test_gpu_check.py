@@ -202,7 +202,7 @@ def test_window_mfu_counts_the_encoder_forwards_of_a_step(monkeypatch):
     L, W = 66, 768
     gflop = (12 * (24 * L * W * W + 4 * L * L * W) + 2 * 64 * 48 * W) / 1e9
     assert abs(gflop - 11.38) < 0.01
-    full_speed = 989e12 / (gflop * 1e9 * pretrain.forwards_per_image(symmetric=False))  # images/s at 100 % MFU
+    full_speed = 989e12 / (gflop * 1e9 * pretrain.forwards_per_image(pretrain.parse_args([])))  # images/s at 100 % MFU
     assert 99.9 < gpu_check.window_mfu(full_speed, "B") < 100.1
     assert 99.9 < gpu_check.mfu(989e12 / (gflop * 1e9), "B") < 100.1  # one forward per noisy sample
     monkeypatch.setattr(gpu_check.torch.cuda, "get_device_name", lambda: "NVIDIA GeForce RTX 4090")
