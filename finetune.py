@@ -128,7 +128,7 @@ def main(argv=None) -> None:
             run.log(step + 1, dict(loss=loss, **parts), f"lr {lr:.2e}")
         if (step + 1) % steps_per_epoch == 0:
             clean, noisy = evaluate(model, test, args.sigma, args.eval_images, args.seed, run.rank, run.world, args.batch, run.autocast)
-            run.say(f"epoch {(step + 1) // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")
+            run.log_line(f"epoch {(step + 1) // steps_per_epoch} | clean acc {clean:.4f} | noisy acc (sigma {args.sigma:g}) {noisy:.4f}")
 
 
 def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -> tuple:

@@ -204,10 +204,10 @@ def run_log(out_dir: str, master: bool) -> Callable[[str], None]:
     os.makedirs(out_dir, exist_ok=True)
     log = open(os.path.join(out_dir, "log.txt"), "a")
 
-    def say(line: str) -> None:
+    def log_line(line: str) -> None:
         for stream in (sys.stdout, log):
             print(line, file=stream, flush=True)
-    return say
+    return log_line
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -647,21 +647,21 @@ class Trainer:
         """The run's first lines: what runs where (and `about` it), and on a CPU an estimate of its time from one
         timed forward of `sample` (one model-space image). forwards_per_image: forward-equivalents per image and
         step (a backward counts 2), for the estimate and the MFU."""
-        self.say = run_log(self.args.out, self.master)
+        self.log_line = run_log(self.args.out, self.master)
         self.first, self.total, self.forwards = first, total, forwards_per_image
         self.flops_per_image = forwards_per_image * model.cfg.flops_per_image()
         self.peak = peak_bf16_flops() if self.device.type == "cuda" else None
-        self.say(f"{self.script} | {model.num_params() / 1e6:.2f}M parameters | {self.world} process(es) on "
+        self.log_line(f"{self.script} | {model.num_params() / 1e6:.2f}M parameters | {self.world} process(es) on "
                  f"{self.device.type} | precision {self.args.precision} | kernels {kernels.backend()}{about} | "
                  f"config: {vars(self.args)}")
         if getattr(self, "memory", None):
-            self.say(self.memory)
+            self.log_line(self.memory)
         if first:
-            self.say(f"resuming {self.path} at step {first}")
+            self.log_line(f"resuming {self.path} at step {first}")
         if self.device.type == "cpu":
             per_step = (forward_seconds_per_image(model, sample, SIGMA_MIN, self.autocast) * forwards_per_image
                         * self.args.batch / self.world)
-            self.say(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (total - first))} "
+            self.log_line(f"estimate from a timed forward: {per_step:.1f} s per step, {clock(per_step * (total - first))} "
                      f"for the {total - first} steps to go")
 
     def steps(self, first: int, total: int, save_also: Callable[[int], bool] = lambda done: False, data=None) -> Iterator[int]:
@@ -692,7 +692,7 @@ class Trainer:
         if not torch.isfinite(loss):
             name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", loss))
             message = f"{name} loss is {value.item()} at step {step}; the last good checkpoint is left as it was"
-            self.say(f"error: {message}")
+            self.log_line(f"error: {message}")
             raise SystemExit(f"{self.script}: error: {message}")
 
     def log_due(self, done: int) -> bool:
@@ -711,4 +711,4 @@ class Trainer:
                            *fields, self.progress.line(done)])
         if self.peak:
             line += f" | mfu {self.progress.rate * self.flops_per_image / (self.world * self.peak):.1%}"
-        self.say(line)
+        self.log_line(line)

@@ -69,7 +69,7 @@ def losses(model: ViT, h_query, h_views, h_key, keys, tau: float) -> tuple[torch
             contrastive_loss(model, h_views, keys, tau) if h_views is not None else zero)
 
 
-class Objective(nn.Module):
+class OnlinePasses(nn.Module):
     """Every online pass with gradient of a step in one forward, so DDP sees them all and syncs gradients once:
     the consistency query x_{t_n} and the contrastive query views. Both losses are summed 1 : 1 (Algorithm 1,
     099127a:rrcm/rrcm_denoiser.py:174-198)."""
@@ -109,18 +109,18 @@ def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[to
     return [F.normalize(model.projector(h), dim=1) for h in encode(model, views, micro).chunk(len(views))]
 
 
-def backward_micro_batches(objective: Objective, query: list | None, views: list | None, h_key, keys, micro: int,
+def backward_micro_batches(online: OnlinePasses, query: list | None, views: list | None, h_key, keys, micro: int,
                            precision, check: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's losses, and their gradients in the model's .grad, `micro` images at a time: exact (GradCache, Gao et
     al. 2021). The keys carry no gradient and each query's loss depends on its own row, so: the encoder outputs
     without gradient, micro-batch by micro-batch; the projector, its BatchNorm and both losses on the whole batch with
     gradient w.r.t. those outputs; then each micro-batch encoded again with gradient and handed its rows of the
     outputs' gradient. The whole batch's gradients at one micro-batch's memory, for one more encoder forward."""
-    model = objective.model
+    model = online.model
     with precision:
         h_query = encode(model, query, micro).requires_grad_() if query else None
         h_views = encode(model, views, micro).requires_grad_() if views else None
-        loss_cons, loss_ctr = losses(model, h_query, h_views, h_key, keys, objective.tau)
+        loss_cons, loss_ctr = losses(model, h_query, h_views, h_key, keys, online.tau)
     check(loss_cons, loss_ctr)
     (loss_cons + loss_ctr).backward()
     for part, h in ((query, h_query), (views, h_views)):
@@ -217,8 +217,8 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=args.weight_decay)
     step = run.resume(model=model, target=target, optimizer=opt, **({"consistency_target": key_model} if args.consistency_ema > 0 else {}))
     micro = run.micro_batch(args.micro_batch, model, grad_passes(args), input_bytes=6 * 3 * model.cfg.img_size ** 2 * 4)
-    objective = Objective(model, args.tau)
-    net = run.distribute(objective) if micro is None else objective  # micro-batches average gradients themselves
+    online = OnlinePasses(model, args.tau)
+    net = run.distribute(online) if micro is None else online  # micro-batches average gradients themselves
     if args.compile:  # the encoders' blocks, where the time goes; the projector and the losses stay eager
         for m in {model, target, key_model}:
             m.compile_blocks()
@@ -246,7 +246,7 @@ def main(argv=None) -> None:
             check(loss_cons, loss_ctr)
             (loss_cons + loss_ctr).backward()
         else:
-            loss_cons, loss_ctr = backward_micro_batches(objective, query, query_views if contrastive else None, h_key,
+            loss_cons, loss_ctr = backward_micro_batches(online, query, query_views if contrastive else None, h_key,
                                                          keys, micro, run.autocast, check)
             run.average_gradients(model)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if step >= args.warmup else float("inf"))

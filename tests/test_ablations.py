@@ -92,13 +92,13 @@ def test_consistency_ema_keys_from_an_ema_copy(cifar_dir, tmp_path, monkeypatch)
     """EMA2 > 0: the consistency key comes from a copy of the encoder that follows it at that rate (saved in the
     checkpoint); 0 (the default): from the online model itself."""
     keyed_by, online = [], []
-    real_encode, real_objective = pretrain.encode, pretrain.Objective
+    real_encode, real_passes = pretrain.encode, pretrain.OnlinePasses
 
-    class Spy(real_objective):
+    class Spy(real_passes):
         def __init__(self, model, tau):
             online.append(model)
             super().__init__(model, tau)
-    monkeypatch.setattr(pretrain, "Objective", Spy)
+    monkeypatch.setattr(pretrain, "OnlinePasses", Spy)
     monkeypatch.setattr(pretrain, "encode", lambda model, views, micro: keyed_by.append(model) or real_encode(model, views, micro))
     run(cifar_dir, tmp_path / "plain")
     assert keyed_by[0] is online[0]  # the step's first encoding is the consistency key's

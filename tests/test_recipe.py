@@ -237,7 +237,7 @@ def test_one_direction_by_default():
     x0, v1, v2, v2_other, eps = (torch.rand(4, 3, 32, 32) for _ in range(5))
     assert pretrain.directions(["v1", "v2"], False) == (["v1"], ["v2"])
     assert pretrain.directions(["v1", "v2"], True) == (["v1", "v2"], ["v2", "v1"])
-    objective = pretrain.Objective(net, 0.2)
+    objective = pretrain.OnlinePasses(net, 0.2)
     with torch.no_grad():
         h_key = pretrain.encode(net, [(x0, 1.5, eps)], None)
     for symmetric, depends in ((False, False), (True, True)):
