@@ -36,7 +36,8 @@ import jobs
 import kernels
 from augment import mixup_cutmix
 from data import FINETUNE_AUGMENTS, Images, add_workers_flag, batch_indices, generator, local_shards, seeded_noise
-from jobs import Trainer, load_checkpoint, model_from_checkpoint, warmup_cosine
+from jobs import load_checkpoint, model_from_checkpoint
+from trainer import Trainer, add_run_flags, warmup_cosine
 from model import PRESETS, SIGMA_MIN, ViT, noisy_input, smoothing_time, to_model_space, vit_config
 
 COPIES = 2  # m noisy copies per image
@@ -307,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "per forward and backward, gradients accumulated: the whole batch's step; unset: the whole batch "
                    "where it fits the device's free memory, else the largest micro-batch that does")
     g.add_argument("--eval-images", type=jobs.at_least(1), default=10_000, help="test images for the per-epoch accuracies, spread evenly over the test set")
-    jobs.add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
+    add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     explicit_smoothing = args.label_smoothing is not None
     for key, value in recipe(args.dataset, args.sigma).items():

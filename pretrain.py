@@ -38,7 +38,8 @@ import torch.nn.functional as F
 import jobs
 import kernels
 from data import Images, add_workers_flag, batch_indices, generator, local_shards
-from jobs import Trainer, gather_rows, warmup_cosine
+from jobs import gather_rows
+from trainer import Trainer, add_run_flags, warmup_cosine
 from model import PRESETS, SIGMA_MAX, SIGMA_MIN, ViT, edm_sigmas, global_batchnorm, to_model_space, vit_config
 
 
@@ -363,7 +364,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images per encoder pass with gradient, "
                    "with the same result as the whole batch (GradCache); unset: the whole batch where it fits the "
                    "device's free memory, else the largest micro-batch that does")
-    jobs.add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
+    add_run_flags(g, 5000, "also the last, and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     for key, value in RECIPES[recipe_name(args.dataset, args.preset)].items():
         if getattr(args, key, None) is None:

@@ -1,6 +1,6 @@
 """Pre-training in micro-batches (GradCache) against the whole batch: one step of rRCM-B per configuration, each in a
 fresh process, side by side in one run: peak resident memory (the kernel's VmHWM), images/s of the step, and the
-memory check's estimate (jobs.Trainer.micro_batch) beside them.
+memory check's estimate (trainer.Trainer.micro_batch) beside them.
 
     python bench/micro_batch.py --data-dir ../shared/data                         # batches 256, 512, 2048
     python bench/micro_batch.py --data-dir ../shared/data --preset tiny --batches 64,128 --micro 16   # quick

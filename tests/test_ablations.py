@@ -8,6 +8,7 @@ import torch
 
 import jobs
 import pretrain
+import trainer
 from conftest import FAST, refusal, update_difference
 from jobs import load_checkpoint
 from model import SIGMA_MAX, SIGMA_MIN, edm_sigmas
@@ -137,17 +138,17 @@ def test_the_memory_check_picks_a_micro_batch_or_refuses_in_one_line(cifar_dir, 
     """Before the first step: the whole batch when it fits, else the largest micro-batch dividing the share that
     does, else one line saying what to change; never an out-of-memory kill."""
     model = pretrain.ViT(pretrain.vit_config("tiny", "cifar10"))
-    per_image = jobs.activation_bytes(model.cfg, "fp32")
-    monkeypatch.setattr(jobs, "free_memory", lambda device: int(3e9))
+    per_image = trainer.activation_bytes(model.cfg, "fp32")
+    monkeypatch.setattr(trainer, "free_memory", lambda device: int(3e9))
     run(cifar_dir, tmp_path / "fits", "--batch", "16")
     assert "the whole batch share of 16 images needs about" in open(tmp_path / "fits" / "log.txt").read()
     # room for the fixed part and about 5 images of one pass: the largest divisor of 16 below is 4
     params = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.head.parameters())
     fixed = 12 * params + 16 * (6 * 3 * 32 * 32 * 4 + 16 * 66 * 192)
-    monkeypatch.setattr(jobs, "free_memory", lambda device: int((fixed + 5 * per_image) / 0.9) + 1)
+    monkeypatch.setattr(trainer, "free_memory", lambda device: int((fixed + 5 * per_image) / 0.9) + 1)
     run(cifar_dir, tmp_path / "micro", "--batch", "16")
     assert "micro-batches of 4 of the 16 images" in open(tmp_path / "micro" / "log.txt").read()
-    monkeypatch.setattr(jobs, "free_memory", lambda device: int(fixed / 0.9))
+    monkeypatch.setattr(trainer, "free_memory", lambda device: int(fixed / 0.9))
     said = refusal("pretrain.py", ["--data-dir", cifar_dir, "--out", str(tmp_path / "none"), "--steps", "1", *TINY])
     assert "\n" not in said and "per image of a micro-batch" in said and "use more processes" in said, said
     said = refusal("pretrain.py", ["--data-dir", cifar_dir, "--out", str(tmp_path / "forced"), "--steps", "1", "--micro-batch", "16", *TINY])

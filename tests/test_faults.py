@@ -131,7 +131,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_is_bit_identical(script, signum,
 def test_a_second_signal_exits_at_once_and_says_so():
     """A step of rRCM-B on a CPU takes hours: the first Ctrl-C says that the step will be finished first, the
     second leaves at once (the checkpoint on disk is whole: they are written atomically)."""
-    loop = ("import sys, time; sys.argv[0] = 'pretrain.py'; from jobs import StopSignal\n"
+    loop = ("import sys, time; sys.argv[0] = 'pretrain.py'; from trainer import StopSignal\n"
             "with StopSignal() as stop:\n"
             "    print('step', flush=True)\n"
             "    time.sleep(60)\n")

@@ -19,6 +19,7 @@ import finetune
 import jobs
 import model
 import pretrain
+import trainer
 from conftest import ROOT, refusal
 
 
@@ -34,14 +35,14 @@ from conftest import ROOT, refusal
     (300_000, 0.0),             # the last step reaches 0
 ])
 def test_pretrain_lr_schedule(step, want):
-    assert jobs.warmup_cosine(step, 300_000, 10_000, 1e-4) == pytest.approx(want, abs=1e-15)
+    assert trainer.warmup_cosine(step, 300_000, 10_000, 1e-4) == pytest.approx(want, abs=1e-15)
 
 
 def test_no_warmup_is_a_constant_lr():
     """Released customized_lr_scheduler: `if warmup_steps > 0: ... else: return 1` (099127a:rrcm/utils.py:311,
     323): without warm-up there is no cosine either, in pre-training (steps) and fine-tuning (epochs)."""
-    assert [jobs.warmup_cosine(k, 400, 0, 1e-4) for k in (0, 1, 200, 399, 400)] == [1e-4] * 5
-    assert [jobs.warmup_cosine(e, 2, 0, 2e-4) for e in (0, 1, 2)] == [2e-4] * 3
+    assert [trainer.warmup_cosine(k, 400, 0, 1e-4) for k in (0, 1, 200, 399, 400)] == [1e-4] * 5
+    assert [trainer.warmup_cosine(e, 2, 0, 2e-4) for e in (0, 1, 2)] == [2e-4] * 3
 
 
 def test_pretrain_recipes_per_dataset():
@@ -90,9 +91,9 @@ def test_finetune_schedule_reproduces_the_logged_lr(dataset, sigma):
     The default recipe (no lr scaling: `scale_lr: false` in every log) must give those numbers exactly."""
     a = finetune.parse_args(["--dataset", dataset, "--sigma", str(sigma)])
     assert not a.scale_lr
-    assert jobs.warmup_cosine(0, a.schedule_epochs, a.warmup_epochs, a.lr) == 0.0
+    assert trainer.warmup_cosine(0, a.schedule_epochs, a.warmup_epochs, a.lr) == 0.0
     for epoch, logged in LOGGED_LR[dataset, sigma].items():
-        assert jobs.warmup_cosine(epoch + 1, a.schedule_epochs, a.warmup_epochs, a.lr) == logged, epoch
+        assert trainer.warmup_cosine(epoch + 1, a.schedule_epochs, a.warmup_epochs, a.lr) == logged, epoch
 
 
 @pytest.mark.parametrize("sigma, decay, logged_first", [(0.25, 0.75, 4.7514528036117553e-07), (1.0, 0.65, 7.394411782037431e-08)])
@@ -103,7 +104,7 @@ def test_layer_decay_matches_the_logged_groups(sigma, decay, logged_first):
     net = model.ViT(dataclasses.replace(model.vit_config("tiny", "cifar10"), depth=12))
     groups = finetune.layer_groups(net, a.layer_decay)
     assert a.layer_decay == decay and groups[-1]["lr_scale"] == 1.0
-    head_lr = jobs.warmup_cosine(1, a.schedule_epochs, a.warmup_epochs, a.lr)
+    head_lr = trainer.warmup_cosine(1, a.schedule_epochs, a.warmup_epochs, a.lr)
     assert groups[0]["lr_scale"] * head_lr == pytest.approx(logged_first, rel=1e-12)
 
 
@@ -126,7 +127,7 @@ def test_imagenet_finetune_recipe_per_sigma(sigma, epochs, lr, augment, smoothin
     assert (a.layer_decay, a.mixup, a.cutmix, a.warmup_epochs, a.schedule_epochs, a.eta2) == (0.65, 0.8, 1.0, 5, 150, 0.5)
     # the 50-epoch run stops on the way down its 150-epoch cosine: 0.5 (1 + cos(pi 44 / 145)) of the peak at the end
     if epochs == 50:
-        end = jobs.warmup_cosine(49, a.schedule_epochs, a.warmup_epochs, 1.0)
+        end = trainer.warmup_cosine(49, a.schedule_epochs, a.warmup_epochs, 1.0)
         assert end == pytest.approx(0.5 * (1 + math.cos(math.pi * 44 / 145)))
 
 
