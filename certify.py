@@ -55,6 +55,7 @@ class RRCMClassifier(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, sigma: float):
         super().__init__()
         self.model, self.t = model, smoothing_time(sigma)
+        self.training = model.training  # the wrapper has no mode of its own (Smooth refuses training mode)
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
         return self.model(to_model_space(noisy), self.t)

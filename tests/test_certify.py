@@ -133,3 +133,14 @@ def test_triton_kernels_on_a_cpu_is_one_line():
                             capture_output=True, text=True, env=env)
     expected = "nowhere.pt does not exist" if torch.cuda.is_available() else "--kernels triton needs a CUDA GPU"
     assert expected in result.stderr and result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+def test_the_rrcm_wrapper_takes_the_models_mode():
+    """Smooth refuses a classifier in training mode; the wrapper has no mode of its own, so a model put in eval mode
+    certifies, and one in train mode is refused by name."""
+    from model import ViT, vit_config
+    model = ViT(vit_config("tiny", "cifar10"))
+    x = torch.rand(3, 32, 32)
+    with pytest.raises(ValueError, match=r"training mode \(RRCMClassifier.training is True\).*call .eval\(\) on it first"):
+        smoothing.Smooth(certify.RRCMClassifier(model.train(), 0.25), 10, 0.25, batch=100).counts(x, 100, key=0)
+    assert smoothing.Smooth(certify.RRCMClassifier(model.eval(), 0.25), 10, 0.25, batch=100).counts(x, 100, key=0).sum() == 100

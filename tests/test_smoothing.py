@@ -70,7 +70,7 @@ def linear_classifier() -> torch.nn.Module:
     with torch.no_grad():
         layer.weight.copy_(torch.stack([w, -w]))
         layer.bias.copy_(torch.tensor([0.1, -0.1]))
-    return torch.nn.Sequential(torch.nn.Flatten(), layer)
+    return torch.nn.Sequential(torch.nn.Flatten(), layer).eval()
 
 
 def at_distance(f: torch.nn.Module, m: float) -> torch.Tensor:
@@ -134,8 +134,8 @@ def test_adaptive_certify_of_the_linear_classifier_goes_through_the_public_api()
     one_look = smoothing.AdaptivePlan(n=2000, alpha=ALPHA, sigma=SIGMA, radii=[0, 0.25], looks=[])
     x = at_distance(f, 0.3)
     assert smooth.certify_adaptive(x, 100, one_look, key=4)[:2] == smooth.certify(x, 100, 2000, ALPHA, key=4)  # one look: CERTIFY
-    with pytest.raises(ValueError, match="plan is for sigma"):
-        smoothing.Smooth(f, 2, 0.25).certify_adaptive(x, 100, plan)
+    with pytest.raises(ValueError, match="plan must be an AdaptivePlan for this classifier's sigma 0.25, got one for sigma 0.5"):
+        smoothing.Smooth(f, 2, 0.25).certify_adaptive(x, 100, plan, key=4)
 
 
 def test_counts_do_not_depend_on_batch_size_and_each_key_has_its_own_noise():
@@ -159,8 +159,8 @@ def test_the_classifier_runs_under_the_requested_autocast():
         seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
         return torch.stack([z.flatten(1).mean(1), -z.flatten(1).mean(1)], 1)
     x = torch.full(SHAPE, 0.5)
-    smoothing.Smooth(spy, 2, SIGMA, batch=100, autocast=torch.bfloat16).counts(x, 100)
-    smoothing.Smooth(spy, 2, SIGMA, batch=100).counts(x, 100)
+    smoothing.Smooth(spy, 2, SIGMA, batch=100, autocast=torch.bfloat16).counts(x, 100, key=0)
+    smoothing.Smooth(spy, 2, SIGMA, batch=100).counts(x, 100, key=0)
     assert seen[0] == (True, torch.bfloat16) and seen[1][0] is False
 
 
@@ -181,15 +181,13 @@ def test_a_cpu_generator_keeps_only_the_low_32_bits_of_a_seed():
 
 def colliding_streams(seed_of, chunks: int) -> list[tuple]:
     """Pairs of streams of one image -- (phase, chunk), both phases, chunks 0 .. chunks - 1 -- whose effective
-    CPU seeds are equal, i.e. whose noise is identical."""
-    seen, pairs = {}, []
-    for phase in (smoothing.SELECT, smoothing.ESTIMATE):
-        for chunk in range(chunks):
-            s = effective_cpu_seed(seed_of(phase, chunk))
-            if s in seen:
-                pairs.append((seen[s], (phase, chunk)))
-            seen[s] = (phase, chunk)
-    return pairs
+    CPU seeds are equal, i.e. whose noise is identical. seed_of(phase, chunks) gives the seeds of an array of chunks."""
+    streams = [(phase, chunk) for phase in (smoothing.SELECT, smoothing.ESTIMATE) for chunk in range(chunks)]
+    seeds = np.concatenate([effective_cpu_seed(np.asarray(seed_of(phase, np.arange(chunks)), dtype=np.uint64))
+                            for phase in (smoothing.SELECT, smoothing.ESTIMATE)])
+    order = np.argsort(seeds, kind="stable")
+    same = np.flatnonzero(seeds[order][1:] == seeds[order][:-1])
+    return [(streams[order[i]], streams[order[i + 1]]) for i in same]
 
 
 def test_no_two_streams_of_an_image_coincide():
@@ -197,8 +195,9 @@ def test_no_two_streams_of_an_image_coincide():
     for 100 images spread over ImageNet's 50,000 and two seeds: no effective CPU seed repeats."""
     for seed in (0, 1):
         for key in range(0, 50_000, 1000):
-            assert not colliding_streams(lambda phase, chunk: smoothing.stream_seed(seed, key, phase, chunk), 1000), (seed, key)
+            assert not colliding_streams(lambda phase, chunks: smoothing.stream_seed(seed, key, phase, chunks), 1000), (seed, key)
     assert smoothing.stream_seed(0, 271, smoothing.ESTIMATE, 211) < 2 ** 63
+    assert smoothing.stream_seed(0, 271, smoothing.ESTIMATE, np.array([211])).tolist() == [smoothing.stream_seed(0, 271, smoothing.ESTIMATE, 211)]
     with pytest.raises(ValueError):
         smoothing.stream_seed(0, 0, smoothing.ESTIMATE, 2 ** 31)
 
@@ -210,7 +209,8 @@ def test_the_old_per_chunk_seeds_collided_within_an_image():
     catches it; the streams of stream_seed for the same chunks differ."""
     names = {smoothing.SELECT: "select", smoothing.ESTIMATE: "estimate"}
     old = lambda phase, chunk: data.derive_seed(0, 271, names[phase], chunk)
-    assert colliding_streams(old, 1000) == [((smoothing.ESTIMATE, 211), (smoothing.ESTIMATE, 675))]
+    old_seeds = lambda phase, chunks: [old(phase, int(c)) for c in chunks]
+    assert colliding_streams(old_seeds, 1000) == [((smoothing.ESTIMATE, 211), (smoothing.ESTIMATE, 675))]
     draw = lambda s: torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(s))
     assert torch.equal(draw(old(smoothing.ESTIMATE, 211)), draw(old(smoothing.ESTIMATE, 675)))
     new = lambda chunk: smoothing.gaussian_noise((3, 32, 32), chunk * 100, 100, 0, 271, smoothing.ESTIMATE, torch.device("cpu"))
