@@ -111,7 +111,10 @@ def open_results(args, checkpoint: dict, indices: list[int], precision: str, loc
     header = results.ADAPTIVE_HEADER if args.adaptive else results.HEADER
     planned, files = [], []
     for sigma in args.sigma:
-        plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], args.stages) if args.adaptive else None
+        try:  # refused when no requested radius is within reach of n samples at this sigma
+            plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], args.stages) if args.adaptive else None
+        except ValueError as e:
+            raise jobs.UsageError(f"--adaptive at sigma {sigma:g}: {e}") from None
         config = dict(checkpoint=os.path.abspath(args.checkpoint), step=checkpoint["step"], sigma=sigma, mode=mode,
                       n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed, skip=args.skip or DEFAULT_SKIP[dataset],
                       precision=precision, noise=NOISE)

@@ -36,7 +36,7 @@ def certify_args(ckpt, cifar_dir, out, *extra):
             "--num", "5", "--skip", "3", "--batch", "200", *FAST, "--precision", "fp32", *extra]
 
 
-# looks at 100 and 300 samples; radii 0 and 0.25 of the paper's (0.25 Phi^-1(0.00099^(1/300)) = 0.49989 < 0.5)
+# looks at 100 and 300 samples; radii 0 and 0.25 of the paper's (0.25 Phi^-1(0.00099^(1/300)) = 0.49979 < 0.5)
 ADAPTIVE = ["--adaptive", "--stages", "100"]
 
 
@@ -213,7 +213,10 @@ def test_adaptive_decisions_are_certify_on_the_samples_drawn(fixed_run, adaptive
     the fixed run at that look's alpha (recomputed here from the same counts), and where it went to n = 300 its
     prediction is the fixed run's. (The first three images: on this checkpoint one goes to 300, two stop at 100.)"""
     fixed, adaptive = rows_without_time(fixed_run[0])[1:4], rows_without_time(adaptive_run[0])[1:4]
-    assert "looks [100, 300] at alpha 1e-05 each, the last at 0.00099; radii [0.0, 0.25]" in adaptive_run[1]
+    first = adaptive_run[1].splitlines()[0]  # the paper's radii 0.5, 0.75, 1.0 are beyond what 300 samples certify
+    assert first.startswith("CERTIFY-ADAPTIVE sigma 0.25") and first.endswith(
+        "looks [100, 300] at alpha 1e-05 each, the last at 0.00099; radii [0.0, 0.25]; 0.5, 0.75, 1 beyond reach: "
+        "n = 300 samples at sigma 0.25 certify at most 0.4997 at alpha 0.00099")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where certify.py ran: the same noise
     model = model_from_checkpoint(load_checkpoint(finetuned, "finetune")).to(device).eval()
     smooth = smoothing.Smooth(certify.RRCMClassifier(model, 0.25), model.cfg.num_classes, 0.25, batch=100)
@@ -263,3 +266,13 @@ def test_several_sigmas_in_one_command(fixed_run, finetuned, cifar_dir, tmp_path
     assert rows_without_time(tmp_path / "c_sigma0.25.tsv") == rows_without_time(fixed_run[0])[:2]
     assert '"sigma": 0.5' in open(tmp_path / "c_sigma0.5.tsv.json").read() and len(rows_without_time(tmp_path / "c_sigma0.5.tsv")) == 2
     assert "CERTIFY sigma 0.5 (fine-tuned at 0.25)" in printed and "best of above" in printed.splitlines()[-1]
+
+
+def test_adaptive_with_no_radius_within_reach_is_refused_before_anything_is_written(finetuned, cifar_dir, tmp_path):
+    """--radii 0.5,1 at sigma 0.25 with n = 300 (at most 0.4997): the run used [0.0] without a word before."""
+    out = tmp_path / "res" / "c.tsv"
+    with pytest.raises(jobs.UsageError) as refused:
+        certify.main(certify_args(finetuned, cifar_dir, out, *ADAPTIVE, "--radii", "0.5,1"))
+    assert str(refused.value) == ("--adaptive at sigma 0.25: no radius of [0.5, 1.0] is within reach: n = 300 samples at sigma "
+                                  "0.25 certify at most 0.4997 at alpha 0.00099")
+    assert not (tmp_path / "res").exists()
