@@ -37,7 +37,7 @@ import smoothing
 from data import Images, add_workers_flag
 from jobs import SampleProgress, SharedImages, load_checkpoint, model_from_checkpoint
 from model import smoothing_time, to_model_space
-from report import summary, table
+from report import different_images, summary, table
 from smoothing import CHUNK, AdaptivePlan, Smooth
 
 PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as of Dec 2024 and today)
@@ -94,7 +94,9 @@ def main(argv=None) -> None:
                 print(summary(path), flush=True)
         written = [path for _, _, path, _ in runs if os.path.exists(path)]
         if rank == 0 and len(written) > 1:  # Table 2's row: the best certified accuracy over sigma at each radius
-            print(table([os.path.basename(p) for p in written], [results.read_tsv(p) for p in written], envelope=True))
+            names, done = [os.path.basename(p) for p in written], [results.read_tsv(p) for p in written]
+            problem = different_images(names, done)  # e.g. a file continued from a run with another --num
+            print(table(names, done, envelope=problem is None) + (f"\nno best-over-sigma row: {problem}" if problem else ""))
     jobs.close_processes()
 
 

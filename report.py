@@ -6,7 +6,11 @@
 
 Certified accuracy at radius r = the fraction of images that are classified correctly with certified
 radius >= r (abstentions count as wrong); ACR = mean of radius * correct. The paper's Table 2 is the best
-over its Table 9 grid (fine-tuning sigma x certification sigma): pass all nine runs with --envelope.
+over its Table 9 grid (fine-tuning sigma x certification sigma): pass all nine runs with --envelope (runs
+over other images, or one file twice, are refused: the best over them would mean nothing).
+
+An adaptive run (certify.py --adaptive) shows only the radii its plan reported (its .json's `radii`; - in
+the other columns), and its ACR is marked as truncated: it stops an image once it certifies the largest.
 
 A run whose predictions fall on a few classes gets a note under the table: its certified accuracy is then
 little more than the share of the test set those classes hold (a frozen near-zero head does this).
@@ -69,19 +73,57 @@ def collapse_note(name: str, run: dict) -> str | None:
             f"(the labels need {len(needed)} classes to cover {COVER:.0%} of the images)")
 
 
+def reported(run: dict, radii: np.ndarray) -> np.ndarray:
+    """Which of `radii` hold a run's results: all for CERTIFY; for adaptive CERTIFY only the radii its plan reported
+    (its sidecar's `radii`; none without one). It stops an image once it certifies the largest of them or the next
+    is out of reach, so its accuracy at other radii is not CERTIFY's (at sigma 1.0, 3.8 % at r = 1.25 against 50.3 %)."""
+    if "samples" not in run:
+        return np.ones(len(radii), dtype=bool)
+    return np.isclose(np.asarray(radii)[:, None], run.get("reported", np.zeros(0))[None, :], rtol=0, atol=1e-9).any(1)
+
+
+def truncation_note(name: str, run: dict) -> str | None:
+    """A one-line note for an adaptive run: its ACR is cut at its largest reported radius, and which columns it shows."""
+    if "samples" not in run:
+        return None
+    if "reported" not in run:
+        return (f"* {name}: adaptive, without its .json: the radii its plan reported are unknown, so no column is shown; "
+                "its ACR is truncated")
+    return (f"* {name}: adaptive, reporting radii {', '.join(f'{r:g}' for r in run['reported'])}: an image stops once it "
+            f"certifies {run['reported'].max():g}, so its ACR is truncated (below CERTIFY's); other radii show -")
+
+
+def different_images(names: list[str], runs: list[dict]) -> str | None:
+    """Why a best-over-runs row would mean nothing: runs over different test images (None when they agree)."""
+    first = set(runs[0]["idx"].tolist())
+    for name, run in zip(names[1:], runs[1:]):
+        other = set(run["idx"].tolist())
+        if other != first:
+            return (f"{names[0]} and {name} cover different test images ({len(first)} and {len(other)}, {len(first ^ other)} "
+                    "in only one): the best over them would mix test sets")
+    return None
+
+
 def table(names: list[str], runs: list[dict], envelope: bool = False) -> str:
+    """One row per run (certified accuracy in % at each radius column, ACR, images); with `envelope` the best over
+    the runs at each radius, refused for runs over different images. Columns a run did not report show -."""
+    if envelope and (problem := different_images(names, runs)):
+        raise ResultsError(problem)
     radii = radii_for(runs)
     width = max([12] + [len(n) for n in names] + ([len("best of above")] if envelope else []))
-    lines = [f"{'run':{width}s} " + " ".join(f"{r:6.2f}" for r in radii) + "    ACR  images"]
+    cell = lambda a: f"{'-':>6s}" if a is None else f"{a:6.1f}"
+    lines, columns = [f"{'run':{width}s} " + " ".join(f"{r:6.2f}" for r in radii) + "    ACR  images"], []
     for name, run in zip(names, runs):
-        acc = [certified_accuracy(run["radius"], run["correct"], r) * 100 for r in radii]
-        acr = average_certified_radius(run["radius"], run["correct"])
-        lines.append(f"{name:{width}s} " + " ".join(f"{a:6.1f}" for a in acc) + f"  {acr:5.3f}  {len(run['radius']):6d}")
+        shown = reported(run, radii)
+        columns.append([certified_accuracy(run["radius"], run["correct"], r) * 100 if ok else None
+                        for r, ok in zip(radii, shown)])
+        acr, mark = average_certified_radius(run["radius"], run["correct"]), "*" if "samples" in run else " "
+        lines.append(f"{name:{width}s} " + " ".join(map(cell, columns[-1])) + f"  {acr:5.3f}{mark} {len(run['radius']):6d}")
     if envelope:
-        best = [max(certified_accuracy(run["radius"], run["correct"], r) for run in runs) * 100 for r in radii]
-        lines.append(f"{'best of above':{width}s} " + " ".join(f"{a:6.1f}" for a in best) + "      -")
-    lines += [note for note in (collapse_note(name, run) for name, run in zip(names, runs)) if note]
-    return "\n".join(lines)
+        best = [max((a for a in column if a is not None), default=None) for column in zip(*columns)]
+        lines.append(f"{'best of above':{width}s} " + " ".join(map(cell, best)) + "      -")
+    notes = [note(name, run) for note in (truncation_note, collapse_note) for name, run in zip(names, runs)]
+    return "\n".join(lines + [n for n in notes if n])
 
 
 def summary(path: str) -> str:
@@ -91,6 +133,14 @@ def summary(path: str) -> str:
     return f"{len(run['radius'])} images, {seconds:.2f} s per image{samples}\n" + table([os.path.basename(path)], [run])
 
 
+def plot_curves(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Certified accuracy of each run on a fine grid of radii (and every reported radius): NaN where a run has
+    no result (`reported`)."""
+    grid = np.union1d(np.linspace(0, radii_for(runs)[-1], 200), np.concatenate([r.get("reported", np.zeros(0)) for r in runs]))
+    accuracy = lambda run: [certified_accuracy(run["radius"], run["correct"], r) for r in grid]
+    return grid, np.array([np.where(reported(run, grid), accuracy(run), np.nan) for run in runs])
+
+
 def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
     try:
         import matplotlib
@@ -98,14 +148,14 @@ def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise ResultsError("--plot needs matplotlib (pip install matplotlib)") from None
-    grid = np.linspace(0, radii_for(runs)[-1], 200)
+    grid, curves = plot_curves(runs)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    curves = []
-    for name, run in zip(names, runs):
-        curves.append([certified_accuracy(run["radius"], run["correct"], r) for r in grid])
-        ax.plot(grid, curves[-1], label=name)
+    for name, run, curve in zip(names, runs, curves):
+        drawn = ~np.isnan(curve)  # an adaptive run: at its reported radii only, as points joined by lines
+        ax.plot(grid[drawn], curve[drawn], "o-" if "samples" in run else "-", markersize=3, label=name)
     if envelope:
-        ax.plot(grid, np.max(curves, axis=0), "k--", label="best of above")
+        best = np.fmax.reduce(curves)
+        ax.plot(grid[~np.isnan(best)], best[~np.isnan(best)], "k--", label="best of above")
     ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, 1))
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -120,10 +170,13 @@ def main(argv=None) -> None:
     p.add_argument("--plot", default=None, help="write certified accuracy vs radius to this PNG")
     args = p.parse_args(argv)
     names = [os.path.splitext(os.path.basename(t))[0] for t in args.tsv]
-    runs = [read_tsv(t) for t in args.tsv]
-    for path, run in zip(args.tsv, runs):
+    runs, seen = [read_tsv(t) for t in args.tsv], {}
+    for k, (path, run) in enumerate(zip(args.tsv, runs)):
         if not len(run["radius"]):
             raise ResultsError(f"{path} has no results yet (only its header)")
+        first = seen.setdefault((os.stat(path).st_dev, os.stat(path).st_ino), k)  # the same file, by any path
+        if first != k:
+            raise ResultsError(f"{path} is {args.tsv[first]} again: give each run once")
     print(table(names, runs, args.envelope))
     if args.plot:
         plot(names, runs, args.plot, args.envelope)

@@ -114,7 +114,8 @@ def check_radii(path: str, radius: np.ndarray) -> None:
 
 
 def read_tsv(path: str) -> dict[str, np.ndarray]:
-    """idx, label, predict, radius, correct, time (and samples for adaptive runs) of a checked certification TSV."""
+    """idx, label, predict, radius, correct, time of a checked certification TSV; adaptive runs add samples, and
+    `reported`, the radii their plan reported, from the sidecar (left out without a usable one)."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -125,6 +126,10 @@ def read_tsv(path: str) -> dict[str, np.ndarray]:
     run = dict(idx=cols[0], label=cols[1], predict=cols[2], radius=cols[3], correct=cols[4], time=cols[5])
     if data.startswith(ADAPTIVE_HEADER.encode()):
         run["samples"] = cols[6]
+        meta = read_config(path) or {}
+        radii = meta.get("radii") if meta.get("mode") == "certify-adaptive" else None
+        if isinstance(radii, list) and radii and all(isinstance(r, (int, float)) and math.isfinite(r) for r in radii):
+            run["reported"] = np.array(radii, dtype=float)
     check_radii(path, run["radius"])
     return run
 

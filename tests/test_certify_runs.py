@@ -276,3 +276,14 @@ def test_adaptive_with_no_radius_within_reach_is_refused_before_anything_is_writ
     assert str(refused.value) == ("--adaptive at sigma 0.25: no radius of [0.5, 1.0] is within reach: n = 300 samples at sigma "
                                   "0.25 certify at most 0.4997 at alpha 0.00099")
     assert not (tmp_path / "res").exists()
+
+
+def test_the_best_over_sigma_row_only_over_the_same_images(fixed_run, finetuned, cifar_dir, tmp_path):
+    """A sigma file continued from a run with another --num holds other images than its sibling: certify.py prints
+    the table without the best-over-sigma row, and says why (report.py --envelope refuses such runs)."""
+    for suffix in ("", ".json"):
+        shutil.copy(str(fixed_run[0]) + suffix, str(tmp_path / "c_sigma0.25.tsv") + suffix)  # 5 images at sigma 0.25
+    printed = run_quietly(certify_args(finetuned, cifar_dir, tmp_path / "c.tsv", "--sigma", "0.25,0.5", "--num", "1"))
+    assert "best of above" not in printed and printed.splitlines()[-1] == (
+        "no best-over-sigma row: c_sigma0.25.tsv and c_sigma0.5.tsv cover different test images (5 and 1, 4 in only one): "
+        "the best over them would mix test sets")

@@ -42,7 +42,8 @@ def column_ends(line: str) -> list[int]:
 @pytest.mark.parametrize("names", [["a", "b"], ["a_long_run_name_sigma0.25", "b"]])
 def test_envelope_row_lines_up_with_the_header(names):
     """The paper's headline row: each number right under its radius (it was one column right with short names)."""
-    run = dict(label=np.array([1.0, 2.0]), predict=np.array([1.0, 2.0]), radius=np.array([0.3, 0.8]), correct=np.array([1.0, 1.0]))
+    run = dict(idx=np.array([0.0, 1.0]), label=np.array([1.0, 2.0]), predict=np.array([1.0, 2.0]), radius=np.array([0.3, 0.8]),
+               correct=np.array([1.0, 1.0]))
     lines = report.table(names, [run, run], envelope=True).splitlines()
     radii_ends = column_ends(lines[0])[1:7]  # after "run": 0.00 0.25 0.50 0.75 1.00 (and ACR)
     for line in lines[1:]:
@@ -226,3 +227,76 @@ def test_abstentions_pass_the_sidecar_bound_even_where_n_certifies_nothing(tmp_p
     path.write_text(results.HEADER + "\n0\t1\t1\t0.0010\t1\t1.0\n")
     with pytest.raises(results.ResultsError, match="at most 0.0000"):
         results.read_tsv(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The best over runs is over one test set; adaptive runs show only the radii their plan reported
+
+def test_envelope_refuses_runs_over_other_images_or_the_same_file_twice(tmp_path):
+    """The best-over-sigma row of runs over different images (here one with an image more) mixes test sets, and a
+    file given twice -- by the same name or another path to it -- counts one run as two: both refused in one line."""
+    a, b, c = tmp_path / "a.tsv", tmp_path / "b.tsv", tmp_path / "c.tsv"
+    a.write_text(GOOD)
+    b.write_text(GOOD + "4\t1\t1\t0.5\t1\t1.0\n")
+    c.write_text(GOOD.replace("\n3\t", "\n7\t"))
+    (tmp_path / "link.tsv").symlink_to(a)
+    for argv, problem in (([a, b], "a and b cover different test images (4 and 5, 1 in only one): the best over them would mix test sets"),
+                          ([a, c], "a and c cover different test images (4 and 4, 2 in only one)"),
+                          ([a, b, a], f"{a} is {a} again: give each run once"),
+                          ([a, tmp_path / "link.tsv"], f"{tmp_path / 'link.tsv'} is {a} again: give each run once")):
+        with pytest.raises(results.ResultsError) as refused:
+            report.main([*map(str, argv), "--envelope"])
+        assert str(refused.value).startswith(problem), str(refused.value)
+    result = subprocess.run([sys.executable, "report.py", str(a), str(b), "--envelope"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode != 0 and result.stderr.startswith("report.py: error: a and b cover") and len(result.stderr.splitlines()) == 1
+    assert "best of above" in report.table(["a", "a2"], [results.read_tsv(str(a))] * 2, envelope=True)
+    assert "best of above" not in report.table(["a", "b"], [results.read_tsv(str(a)), results.read_tsv(str(b))])  # no envelope: fine
+
+
+def adaptive_pair(tmp_path, sidecar=True):
+    """The issue's case at sigma 1.0: a fixed-n run, and an adaptive run of the same images whose plan reported
+    0, 0.25, ..., 1.0 -- its images stop once they certify 1.0, so above it (and in its ACR) it shows far less."""
+    fixed, adaptive = tmp_path / "fixed.tsv", tmp_path / "adaptive.tsv"
+    radii = [1.9, 1.6, 1.3, 0.9, 0.0]
+    fixed.write_text(results.HEADER + "\n" + "".join(f"{i}\t1\t{1 if r else -1}\t{r}\t{int(r > 0)}\t1.0\n" for i, r in enumerate(radii)))
+    adaptive.write_text(results.ADAPTIVE_HEADER + "\n" + "".join(
+        f"{i}\t1\t{1 if r else -1}\t{min(r, 1.02)}\t{int(r > 0)}\t1.0\t{800 if r > 1 else 100000}\n" for i, r in enumerate(radii)))
+    if sidecar:
+        (tmp_path / "adaptive.tsv.json").write_text('{"mode": "certify-adaptive", "sigma": 1.0, "n": 100000, "alpha": 0.001, '
+                                                   '"radii": [0.0, 0.25, 0.5, 0.75, 1.0]}')
+    return [results.read_tsv(str(fixed)), results.read_tsv(str(adaptive))]
+
+
+def test_an_adaptive_run_shows_only_the_radii_its_plan_reported(tmp_path):
+    """Columns above 1.0 show - for the adaptive run (not 0.0, which read like a result), the best-of-above row
+    takes the fixed run's there, the adaptive ACR carries a mark and a note says it is truncated."""
+    lines = report.table(["fixed", "adaptive"], adaptive_pair(tmp_path), envelope=True).splitlines()
+    assert lines[0].split()[1:9] == ["0.00", "0.25", "0.50", "0.75", "1.00", "1.25", "1.50", "1.75"]
+    assert lines[1].split()[1:] == ["80.0", "80.0", "80.0", "80.0", "60.0", "60.0", "40.0", "20.0", "1.140", "5"]
+    assert lines[2].split()[1:] == ["80.0", "80.0", "80.0", "80.0", "60.0", "-", "-", "-", "0.792*", "5"]
+    assert lines[3].split()[3:] == ["80.0", "80.0", "80.0", "80.0", "60.0", "60.0", "40.0", "20.0", "-"]
+    assert lines[4] == ("* adaptive: adaptive, reporting radii 0, 0.25, 0.5, 0.75, 1: an image stops once it certifies 1, so its "
+                        "ACR is truncated (below CERTIFY's); other radii show -")
+    assert [column_ends(line)[1:5] for line in lines[1:3]] == [column_ends(lines[0])[1:5]] * 2  # still under the header
+
+
+def test_an_adaptive_run_on_an_imagenet_grid_and_without_its_sidecar(tmp_path):
+    """Reported radii 0, 0.5, 1.0: the columns between them (0.25, 0.75) are not its results either. Without the
+    sidecar which radii it reported is unknown: no column is shown."""
+    runs = adaptive_pair(tmp_path)
+    runs[1]["reported"] = np.array([0.0, 0.5, 1.0])
+    row = report.table(["fixed", "adaptive"], runs).splitlines()[2].split()
+    assert row[1:6] == ["80.0", "-", "80.0", "-", "60.0"]
+    (tmp_path / "adaptive.tsv.json").unlink()
+    runs = adaptive_pair(tmp_path, sidecar=False)
+    lines = report.table(["fixed", "adaptive"], runs).splitlines()
+    assert set(lines[2].split()[1:-2]) == {"-"} and "* adaptive: adaptive, without its .json: the radii its plan reported are unknown" in lines[3]
+
+
+def test_the_plot_draws_an_adaptive_run_at_its_reported_radii_only(tmp_path):
+    grid, curves = report.plot_curves(adaptive_pair(tmp_path))
+    drawn = grid[~np.isnan(curves[1])]
+    assert drawn.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and not np.isnan(curves[0]).any()
+    assert curves[1][grid == 1.0] == curves[0][grid == 1.0] == 0.6
+    report.plot(["fixed", "adaptive"], adaptive_pair(tmp_path), str(tmp_path / "p.png"), envelope=True)
+    assert (tmp_path / "p.png").stat().st_size > 0
