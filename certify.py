@@ -44,7 +44,7 @@ PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as 
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}  # Carlini et al. 2022: 500 of CIFAR-10's 10k, 500 of ImageNet's 50k
 PAPER_RADII = {"cifar10": [0.0, 0.25, 0.5, 0.75, 1.0],  # the radii of the paper's tables (Tables 1, 2, 9)
                "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
-NOISE = "smoothing.stream_seed"  # recorded in each .json: files written with other noise streams are not continued
+NOISE = "smoothing.stream_seed v2"  # recorded in each .json: files written with other noise streams are not continued
 
 
 class RRCMClassifier(torch.nn.Module):

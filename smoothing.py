@@ -271,18 +271,22 @@ def stream_seed(seed: int, key: int, phase: int, chunk):
     (chunk: an int, or an integer array of them for many seeds at once).
 
     torch's CPU generator (mt19937) keeps only the low 32 bits of a seed, so seeds that differ only above bit 31
-    give the same noise; CUDA's Philox keeps all 64. So the low 32 bits are mix32(base + 2 chunk + phase), with
-    base a hash of (seed, key): distinct for every (phase, chunk) of one input, because 2 chunk + phase < 2^32
-    and mix32 is a bijection -- no sample of an input is ever counted twice, in either phase. The high 31 bits
-    are more of the same hash, which separates the inputs' streams on CUDA too. (Hashed 63-bit seeds per chunk,
-    as before, collided within an image with probability 1.2e-4 at n = 100,000.)"""
+    give the same noise; CUDA's Philox keeps all 64. So the low 32 bits are mix32(mix32(2 chunk + phase) + b)
+    (mod 2^32), with b the low half of a hash of (seed, key):
+    - within an input they are distinct for every (phase, chunk), since 2 chunk + phase < 2^32 and mix32 and the
+      shift by b are bijections: no sample of an input is ever counted twice, in either phase;
+    - two inputs share a stream only where mix32(v) - mix32(w) = b2 - b1: at scattered single chunks, at the
+      birthday rate of random 32-bit seeds. (Before, mix32(b + 2 chunk + phase) gave inputs whose b differ by a
+      small even number runs of hundreds of shared chunks; XOR in place of + would pair each shared (v, w) with
+      a shared (w, v).)
+    The high 31 bits are more of the same hash, which separates the inputs' streams on CUDA too."""
     chunks = np.asarray(chunk)
     in_range = chunks.size == 0 or 0 <= chunks.min() <= chunks.max() < 2 ** 31
     if phase not in (SELECT, ESTIMATE) or chunks.dtype.kind not in "iu" or not in_range:
         raise ValueError(f"chunk {chunk} must be integers in [0, 2^31) and phase {phase} SELECT or ESTIMATE")
     name = f"{_integer('seed', seed)}/{_integer('key', key)}".encode()
     base = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little")
-    seeds = (base >> 33) << 32 | _mix32(((base & _M32) + 2 * chunks.astype(np.uint64) + phase) & _M32)
+    seeds = (base >> 33) << 32 | _mix32((_mix32(2 * chunks.astype(np.uint64) + phase) + (base & _M32)) & _M32)
     return seeds if isinstance(chunk, np.ndarray) else int(seeds)
 
 

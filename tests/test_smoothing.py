@@ -1,6 +1,8 @@
 """smoothing.py, the certification library: its statistics against independent references (root finding on
 the binomial tail, closed forms), a plain torch classifier that is not rRCM certified through the public API,
 and the noise streams (no sample of an image counted twice; the old per-chunk seeds did collide)."""
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +217,47 @@ def test_the_old_per_chunk_seeds_collided_within_an_image():
     assert torch.equal(draw(old(smoothing.ESTIMATE, 211)), draw(old(smoothing.ESTIMATE, 675)))
     new = lambda chunk: smoothing.gaussian_noise((3, 32, 32), chunk * 100, 100, 0, 271, smoothing.ESTIMATE, torch.device("cpu"))
     assert not torch.equal(new(211), new(675))
+
+
+# Streams of different images: certify.py's default image sets at seed 0, n0 = 100 and n = 100,000 (1 selection
+# and 1,000 estimation chunks per image)
+DEFAULT_IMAGES = {"CIFAR-10": range(0, 10_000, 20), "ImageNet": range(0, 50_000, 100)}  # 500 each (certify.DEFAULT_SKIP)
+M32 = 0xFFFFFFFF
+
+
+def shared_streams(seed_of, keys, chunks: int = 1000) -> np.ndarray:
+    """Rows (image a, stream a, image b, stream b), a < b, of streams of different images with equal effective CPU
+    seeds; stream 0 is selection chunk 0, stream 1 + c estimation chunk c. seed_of(key, phase, chunks) -> seeds."""
+    seeds = np.stack([np.concatenate([seed_of(key, smoothing.SELECT, np.arange(1)), seed_of(key, smoothing.ESTIMATE, np.arange(chunks))])
+                      for key in keys]).astype(np.uint64) & M32
+    flat = seeds.ravel()
+    order = np.argsort(flat, kind="stable")
+    same = np.flatnonzero(flat[order][1:] == flat[order][:-1])
+    a, b = order[same], order[same + 1]  # stable: a < b
+    rows = np.stack([a // (chunks + 1), a % (chunks + 1), b // (chunks + 1), b % (chunks + 1)], axis=1)
+    return rows[rows[:, 0] != rows[:, 2]]
+
+
+def old_stream_seed(key, phase, chunks):
+    """The low 32 bits stream_seed gave before: mix32(b + 2 chunk + phase), b the low half of the (seed, key) hash."""
+    b = int.from_bytes(hashlib.blake2b(f"0/{key}".encode(), digest_size=8).digest(), "little") & M32
+    return smoothing._mix32((b + 2 * chunks.astype(np.uint64) + phase) & M32)
+
+
+def test_streams_of_different_images_coincide_only_at_the_birthday_rate():
+    """No two images of either default set share more than one stream (so never a run of them), and the streams
+    shared across images are as many as random 32-bit seeds would share: N = 500,500 seeds give N^2 / 2^33 = 29
+    expected pairs; at most 60 (a Poisson(29) exceeds it with probability 1e-7). The previous formula fails it:
+    CIFAR-10 images 2960 and 4040 shared 267 estimation chunks in a row."""
+    for name, keys in DEFAULT_IMAGES.items():
+        rows = shared_streams(lambda key, phase, chunks: smoothing.stream_seed(0, key, phase, chunks), keys)
+        pairs, shared = np.unique(rows[:, [0, 2]], axis=0, return_counts=True)
+        print(f"{name}: {len(rows)} streams shared across images, by {len(pairs)} pairs of images")
+        assert len(rows) <= 60 and (shared <= 1).all(), (name, len(rows), shared.max())
+    rows = shared_streams(old_stream_seed, DEFAULT_IMAGES["CIFAR-10"])
+    pairs, shared = np.unique(rows[:, [0, 2]], axis=0, return_counts=True)
+    worst = pairs[shared.argmax()]
+    assert [DEFAULT_IMAGES["CIFAR-10"][i] for i in worst] == [2960, 4040] and shared.max() == 267
+    run = rows[(rows[:, 0] == worst[0]) & (rows[:, 2] == worst[1])]
+    run = run[np.argsort(run[:, 1])]
+    assert (np.diff(run[:, 1]) == 1).all() and (np.diff(run[:, 3]) == 1).all()  # consecutive chunks of both
