@@ -32,6 +32,7 @@ simulated without a model.
 """
 import contextlib
 import hashlib
+import itertools
 import math
 from collections.abc import Callable
 from statistics import NormalDist
@@ -44,7 +45,7 @@ ABSTAIN = -1
 CHUNK = 100  # samples per noise stream: the unit in which noise is seeded, and the granularity of batches and looks
 SELECT, ESTIMATE = 0, 1  # CERTIFY's two phases: n0 samples select the class, n fresh ones estimate its probability
 PHI = NormalDist()  # the standard normal: PHI.cdf, PHI.inv_cdf (exact to double precision, fast for scalars)
-AUTOCAST = (None, torch.bfloat16, torch.float16)
+AUTOCAST = (None, torch.bfloat16, torch.float16)  # what Smooth's autocast= takes
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ class Smooth:
                              f"compile a bool (got {compile!r})")
         self.base_classifier, self.num_classes = base_classifier, _integer("num_classes", num_classes, 2)
         self.sigma, self.batch, self.seed, self.autocast = _positive("sigma", sigma), batch, _integer("seed", seed), autocast
-        self.dtype = _model_dtype(base_classifier)  # what the classifier's inputs are cast to (None: x's own)
+        self.dtype = getattr(_weight(base_classifier), "dtype", None)  # the classifier's input dtype (None: x's own)
         self.decisions = torch.compile(self._decisions) if compile else self._decisions
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, key: int, tick=None) -> tuple[int, float]:
@@ -167,9 +168,9 @@ class Smooth:
                 raise ValueError(f"the classifier is in training mode ({where}.training is True): BatchNorm would make the "
                                  "noisy samples of a batch depend on each other and dropout makes them random; call .eval() "
                                  "on it first")
-            self.dtype = _model_dtype(self.base_classifier)  # read again: the model may have been cast since
-            device = next(self.base_classifier.parameters(), x).device
-            x = x.to(device)
+            weight = _weight(self.base_classifier)  # read again: the model may have been cast or moved since
+            self.dtype = getattr(weight, "dtype", None)
+            x = x if weight is None else x.to(weight.device)
         return x
 
     def _refusal(self, x: torch.Tensor, eps: torch.Tensor, error: Exception) -> ValueError | None:
@@ -469,11 +470,11 @@ def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray],
 # ----------------------------------------------------------------------------------------------------
 # Checks: what would make a certificate wrong or meaningless is refused, in one line naming the argument
 
-def _model_dtype(classifier) -> torch.dtype | None:
-    """The floating dtype of a Module's first parameter, which its inputs must have; None for a function."""
+def _weight(classifier) -> torch.Tensor | None:
+    """A Module's first floating-point parameter or buffer, whose device and dtype its inputs need; None for a function."""
     if not isinstance(classifier, torch.nn.Module):
         return None
-    return next((p.dtype for p in classifier.parameters() if p.is_floating_point()), None)
+    return next((t for t in itertools.chain(classifier.parameters(), classifier.buffers()) if t.is_floating_point()), None)
 
 
 def _check_input(x) -> None:

@@ -228,6 +228,20 @@ def test_a_bf16_model_certifies_with_fp32_noise():
     assert seen[0] == torch.bfloat16 and prediction == reference[0] == 0 and abs(radius - reference[1]) < 0.03
 
 
+def test_a_model_of_buffers_gets_its_dtype():
+    """A Module with no parameters, only a float64 buffer: the float32 noisy batch is cast to float64 for it."""
+    class Buffered(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("w", torch.cat([F[1].weight, F[1].bias[:, None]], 1).detach().double())
+
+        def forward(self, z):
+            assert z.dtype == torch.float64
+            return z.flatten(1) @ self.w[:, :-1].T + self.w[:, -1]
+    prediction, radius = smoothing.Smooth(Buffered().eval(), C, SIGMA).certify(X, 100, 20_000, ALPHA, key=7)
+    assert (prediction, radius) == pytest.approx(smoothing.Smooth(F, C, SIGMA).certify(X, 100, 20_000, ALPHA, key=7), abs=0.01)
+
+
 def test_fp16_autocast_runs():
     assert smoothing.Smooth(F, C, SIGMA, autocast=torch.float16).certify(X, 100, 1000, ALPHA, key=1)[0] == 0
 
