@@ -186,8 +186,8 @@ def test_key_is_required_and_named_by_an_integer():
 
 @pytest.mark.parametrize("misuse", ["a tuple", "[2b, C]", "NaN logits", "x batched, a conv net", "BatchNorm in train mode"])
 def test_the_compiled_noise_loop_refuses_the_same(misuse):
-    """Under Smooth(compile=True) the output checks run inside the compiled function: the shapes are known when
-    Dynamo traces it, so a wrong output raises the same ValueError (and a right one costs no graph break)."""
+    """Under Smooth(compile=True) the same ValueError: the output check is a graph break (torch.compiler.disable)
+    between the classifier's graph and the counting one, so it raises in eager code."""
     call, message = next(m[1:] for m in MISUSES if m[0] == misuse)
     real = smoothing.Smooth.__init__
     try:
@@ -199,10 +199,22 @@ def test_the_compiled_noise_loop_refuses_the_same(misuse):
     assert message in str(refused.value), str(refused.value)
 
 
+def test_a_refusal_under_compile_does_not_stop_compiling():
+    """Raised while Dynamo traces, the refusal made Dynamo skip the noise loop's code for good: every later Smooth
+    in the process, right ones too, ran eagerly. Raised between two graphs, it does not."""
+    from torch._dynamo.utils import counters
+    with pytest.raises(ValueError, match="got tuple"):
+        smooth(returning(lambda logits, z: (logits, z)), compile=True).counts(X, 100, key=0)
+    compiled = counters["frames"]["ok"]
+    smooth(linear_classifier(), compile=True).counts(X, 200, key=0)  # another model: no cached graph fits
+    assert counters["frames"]["ok"] > compiled
+
+
 def test_the_classifiers_error_is_chained():
     with pytest.raises(ValueError) as refused:
         smooth(conv_net()).certify(X[None], 100, 1000, ALPHA, key=0)
-    assert isinstance(refused.value.__cause__, RuntimeError) and "x must be one input without a batch dimension (x.shape is [1, 3, 8, 8])" in str(refused.value)
+    assert isinstance(refused.value.__cause__, RuntimeError)
+    assert "x must be one input without a batch dimension (x.shape is [1, 3, 8, 8])" in str(refused.value)
 
 
 # ----------------------------------------------------------------------------------------------------
