@@ -43,7 +43,7 @@ from smoothing import CHUNK, AdaptivePlan, Smooth
 PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as of Dec 2024 and today)
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}  # Carlini et al. 2022: 500 of CIFAR-10's 10k, 500 of ImageNet's 50k
 PAPER_RADII = {"cifar10": [0.0, 0.25, 0.5, 0.75, 1.0],  # the radii of the paper's tables (Tables 1, 2, 9)
-               "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]}
+               "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]}
 NOISE = "smoothing.stream_seed v2"  # recorded in each .json: files written with other noise streams are not continued
 
 
@@ -215,7 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stages", type=stages, default=None, help="adaptive: comma-separated sample counts of the looks "
                    "before n (multiples of 100); default 100, 200, 400, 800, ... (doubling) below n")
     p.add_argument("--radii", type=radii, default=None, help="adaptive: comma-separated radii the table reports (at "
-                   "most 4 decimals); default the paper's: CIFAR-10 0, 0.25, ..., 1.0, ImageNet 0, 0.5, ..., 3.0; radii "
+                   "most 4 decimals); default the paper's: CIFAR-10 0, 0.25, ..., 1.0, ImageNet 0, 0.5, ..., 2.5; radii "
                    "above what n samples can certify at that sigma are left out")
     p.add_argument("--num", type=jobs.at_least(1), default=500, help="how many test images")
     p.add_argument("--skip", type=jobs.at_least(1), default=None, help="certify every skip-th test image; default 20 for "

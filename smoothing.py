@@ -326,7 +326,7 @@ def split_alpha(alpha: float, looks: list[int]) -> list[float]:
     every sample are decided by the last look, so its bound should be as close to fixed-n CERTIFY's as possible;
     the early looks only decide clear cases, where a smaller alpha_k costs little (the bound's width grows like
     sqrt(log 1 / alpha_k)). Simulated (bench/README.md): 90 % at n saves 9 % more samples than 99 % but lets
-    10x as many table rows differ from fixed-n's (0.06 % instead of 0.006 % at sigma 0.25); 99.9 % costs 8 %."""
+    10x as many table rows differ from fixed-n's (0.06 % instead of 0.007 % at sigma 0.25); 99.9 % costs 8 %."""
     if len(looks) == 1:
         return [alpha]
     early = [alpha * (1 - LAST_LOOK_SHARE) / (len(looks) - 1)] * (len(looks) - 1)
@@ -452,8 +452,9 @@ def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray],
     once it certifies the largest reported radius, so its radius is cut there and the ACR is lower than
     CERTIFY's; (3) an image stopped as out of reach could have reached the next radius at n, and the last
     look's smaller alpha can drop an image just over a threshold: its table row (the largest reported radius
-    it certifies) differs from CERTIFY's on the same samples for 0.006 % of the images of the simulated mix
-    in tests/test_adaptive.py (limit asserted there: 0.2 %), at 1/16 of the samples (bench/README.md).
+    it certifies) differs from CERTIFY's on the same samples for 0.0067 / 0.0027 / 0.0035 % of the images of
+    the mix in tests/test_adaptive.py at sigma 0.25 / 0.5 / 1.0 (computed exactly by `bench/adaptive.py --exact`;
+    limit asserted there: 0.2 %), at 1/16 of the samples (bench/README.md).
     Radii are never rounded up: the bounds are exact Clopper-Pearson."""
     if not isinstance(plan, AdaptivePlan):
         raise ValueError(f"plan must be an AdaptivePlan, got {type(plan).__name__}")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom, norm
 
+import certify
 import smoothing
 from conftest import ROOT
 
@@ -166,7 +167,8 @@ def test_reported_radii_are_the_papers_capped_at_what_n_certifies():
     assert round(smoothing.largest_radius(N, 0.99 * ALPHA, 1.0), 4) == 3.8111 and round(smoothing.largest_radius(N, ALPHA, 1.0), 4) == 3.8115
     assert smoothing.AdaptivePlan(N, ALPHA, 0.25, RADII).radii == [0.0, 0.25, 0.5, 0.75]
     assert smoothing.AdaptivePlan(N, ALPHA, 0.5, RADII).radii == RADII
-    imagenet = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0]
+    imagenet = certify.PAPER_RADII["imagenet"]
+    assert imagenet == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]  # Tables 1, 7, 8
     assert smoothing.AdaptivePlan(N, ALPHA, 0.25, imagenet).radii == [0.0, 0.5]
     assert smoothing.AdaptivePlan(N, ALPHA, 1.0, imagenet).radii == imagenet
 
