@@ -2,6 +2,7 @@
 in one line that names the file and the line."""
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -298,5 +299,33 @@ def test_the_plot_draws_an_adaptive_run_at_its_reported_radii_only(tmp_path):
     drawn = grid[~np.isnan(curves[1])]
     assert drawn.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0] and not np.isnan(curves[0]).any()
     assert curves[1][grid == 1.0] == curves[0][grid == 1.0] == 0.6
+
+
+def test_plot_draws_what_plot_curves_computes(tmp_path, monkeypatch):
+    """The drawing, through a stand-in for matplotlib (optional, and not installed in CI): one line a run (the
+    adaptive one at its reported radii, as points), the envelope dashed, the file written where asked."""
+    lines, saved = [], []
+
+    class Axes:
+        def plot(self, x, y, style, **kw):
+            lines.append((list(np.asarray(x)), list(np.asarray(y)), style, kw.get("label")))
+
+        def set(self, **kw): pass
+
+        def legend(self, **kw): pass
+
+    class Figure:
+        def tight_layout(self): pass
+
+        def savefig(self, path, **kw): saved.append(path)
+
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = lambda **kw: (Figure(), Axes())
+    matplotlib = types.ModuleType("matplotlib")
+    matplotlib.use, matplotlib.pyplot = (lambda backend: None), pyplot
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
     report.plot(["fixed", "adaptive"], adaptive_pair(tmp_path), str(tmp_path / "p.png"), envelope=True)
-    assert (tmp_path / "p.png").stat().st_size > 0
+    assert saved == [str(tmp_path / "p.png")]
+    assert [(style, label) for _, _, style, label in lines] == [("-", "fixed"), ("o-", "adaptive"), ("k--", "best of above")]
+    assert lines[1][0] == [0.0, 0.25, 0.5, 0.75, 1.0] and len(lines[0][0]) > 100  # the fixed-n run on the fine grid
