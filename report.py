@@ -174,7 +174,8 @@ def main(argv=None) -> None:
     for k, (path, run) in enumerate(zip(args.tsv, runs)):
         if not len(run["radius"]):
             raise ResultsError(f"{path} has no results yet (only its header)")
-        first = seen.setdefault((os.stat(path).st_dev, os.stat(path).st_ino), k)  # the same file, by any path
+        stat = os.stat(path)
+        first = seen.setdefault((stat.st_dev, stat.st_ino), k)  # the same file, by any path
         if first != k:
             raise ResultsError(f"{path} is {args.tsv[first]} again: give each run once")
     print(table(names, runs, args.envelope))
