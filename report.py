@@ -27,7 +27,6 @@ import argparse
 import math
 import os
 import sys
-
 from statistics import NormalDist
 
 import numpy as np
