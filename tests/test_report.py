@@ -114,7 +114,7 @@ def test_plot_without_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
 def test_help_shows_every_default():
     result = subprocess.run([sys.executable, "report.py", "--help"], capture_output=True, text=True, cwd=ROOT)
     options = result.stdout.split("options:")[1].split("\n  -")[2:]  # after -h
-    assert len(options) == 2 and all("(default:" in " ".join(o.split()) for o in options), result.stdout
+    assert len(options) == 6 and all("(default:" in " ".join(o.split()) for o in options), result.stdout
 
 
 # ----------------------------------------------------------------------------------------------------
