@@ -134,15 +134,16 @@ def smoothmix_attack(model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor,
 def smoothmix_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor, eps: torch.Tensor, y: torch.Tensor,
                    u: torch.Tensor, sigma: float, t: float, alpha: float, steps: int, eta: float, mix_step: int,
                    warm: float) -> tuple[torch.Tensor, dict]:
-    """SmoothMix: mean_i CE(f(x + sigma eps_i), y) + eta * w * mean_i 1[argmax pbar = y] KL(target || softmax
+    """SmoothMix: mean_i CE(f(x_start + sigma eps_i), y) + eta * w * mean_i 1[argmax pbar = y] KL(target || softmax
     f(x_mix + sigma eps_i)), with x_mix = (1 - lam) x_start + lam x_adv, lam = u / 2 ~ U(0, 1/2) per image,
-    target = (1 - lam) pbar + lam / C, pbar = mean_i softmax f(x + sigma eps_i) (not detached, as released), and
-    w = warm, the warm-up factor (which also scales the one-step adversary's ball, alpha * mix_step * w)."""
+    target = (1 - lam) pbar + lam / C, pbar = mean_i softmax f(x_start + sigma eps_i) (not detached, as released),
+    and w = warm, the warm-up factor (which also scales the one-step adversary's ball, alpha * mix_step * w).
+    x_start is x itself with mix_step 0; with 1 the released code trains the "clean" branch on it too."""
     x_start, x_adv = smoothmix_attack(model, x, eps, y, sigma, t, alpha, steps, mix_step, alpha * mix_step * warm)
     lam = (u / 2).view(-1, *[1] * (x.dim() - 1))
     x_mix = (1 - lam) * x_start + lam * x_adv
     m, B = len(eps), len(x)
-    both = torch.stack([x, x_mix])[:, None] + sigma * eps[None]  # [2, m, B, ...]: one forward for both
+    both = torch.stack([x_start, x_mix])[:, None] + sigma * eps[None]  # [2, m, B, ...]: one forward for both
     logits = net(to_model_space(both.flatten(0, 2)), t).float().view(2, m, B, -1)
     ce = F.cross_entropy(logits[0].flatten(0, 1), y.repeat(m))
     p_bar = F.softmax(logits[0], dim=-1).mean(0)
@@ -160,8 +161,9 @@ def smoothmix_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor
 # Where each value comes from (docs/comparators.md has the table):
 # SmoothAdv, CIFAR-10: PGD, T = 10, epsilon 1.0 (255/256 in the released code's units), m = 4 noise draws used in
 #   both attack and training, epsilon warmed up over 10 epochs: the README's and jobs.yaml's train_pgd.py commands
-#   (--num-steps 10 --warmup 10 --train-multi-noise) and the m = 4, epsilon 255 model jh-jeong/smoothmix's
-#   consistency runs start from (data/certify/cifar10/consistency/salman_255.0_10_10/num_4). The paper's tables
+#   (--num-steps 10 --warmup 10 --train-multi-noise) and the SmoothAdv setting of jh-jeong/smoothmix's SmoothAdv +
+#   Consistency runs (data/certify/cifar10/consistency/salman_255.0_10_10/num_4: eps 255, 10 steps, warm-up 10,
+#   m = 4). The paper's tables
 #   take the best of a grid (epsilon 0.25-2, T 2-10, m 1-8); this is one point of it, the same at every sigma.
 # SmoothAdv, ImageNet: PGD, T = 1, epsilon 1.0, m = 1, no warm-up (the released ImageNet models, PGD_1step/eps_255).
 # MACER, CIFAR-10: k = m = 16, beta 16, gamma 8 (released main.py defaults), lambda 12 at sigma 0.25 and 0.5, 4 at

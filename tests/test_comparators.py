@@ -115,25 +115,29 @@ def test_smoothadv_trains_on_the_attack_with_the_same_noise():
 # SmoothMix
 
 @pytest.mark.quick
-def test_smoothmix_mixes_points_and_targets_as_written_by_hand(monkeypatch):
+@pytest.mark.parametrize("mix_step", [0, 1])
+def test_smoothmix_mixes_points_and_targets_as_written_by_hand(mix_step, monkeypatch):
+    """The attack's two ends stand in (x and a random x_adv; with mix_step 1 a random start, on which the released code
+    also trains its clean branch); the loss is then written out one image and one noise draw at a time."""
     torch.manual_seed(4)
     model, sigma, t, eta, warm, C = Toy(), 0.25, 0.49, 5.0, 0.3, 5
     x, eps, u = torch.rand(4, 3, 4, 4), torch.randn(2, 4, 3, 4, 4), torch.rand(4)
+    start = x if mix_step == 0 else (x + 0.05 * torch.randn_like(x)).clamp(0, 1)
     with torch.no_grad():  # labels the model gets right on average, so the mixup term is on for some images
-        y = sum(F.softmax(model(to_model_space(x + sigma * e), t), -1) for e in eps).argmax(-1)
+        y = sum(F.softmax(model(to_model_space(start + sigma * e), t), -1) for e in eps).argmax(-1)
     y[0] = (y[0] + 1) % C  # and one it gets wrong: its term is off
     x_adv = torch.rand(4, 3, 4, 4)
-    monkeypatch.setattr(comparators, "smoothmix_attack", lambda *a: (x, x_adv))
-    loss, parts = comparators.smoothmix_loss(model, model, x, eps, y, u, sigma, t, 1.0, 2, eta, 0, warm)
+    monkeypatch.setattr(comparators, "smoothmix_attack", lambda *a: (start, x_adv))
+    loss, parts = comparators.smoothmix_loss(model, model, x, eps, y, u, sigma, t, 1.0, 2, eta, mix_step, warm)
     with torch.no_grad():
         ce, mix, p_bar = [], [], torch.zeros(4, C)
         for e in eps:
-            logits = model(to_model_space(x + sigma * e), t)
+            logits = model(to_model_space(start + sigma * e), t)
             ce.append(F.cross_entropy(logits, y).item())
             p_bar += F.softmax(logits, -1) / len(eps)
         for b in range(4):
             lam = u[b].item() / 2
-            x_mix = (1 - lam) * x[b] + lam * x_adv[b]
+            x_mix = (1 - lam) * start[b] + lam * x_adv[b]
             target = (1 - lam) * p_bar[b] + lam / C
             for e in eps:
                 q = F.softmax(model(to_model_space(x_mix + sigma * e[b])[None], t)[0], -1)
