@@ -77,6 +77,7 @@ for method in $METHODS; do
   # compute: as many images as rRCM's budget buys (epochs of IMAGES while they fit, else one epoch of a subset)
   images=$(( BUDGET / per )) epochs=1
   if [ $images -ge $(( 2 * IMAGES )) ]; then epochs=$(( (images + IMAGES / 2) / IMAGES )) images=$IMAGES; fi
+  [ $images -ge "$BATCH" ] || images=$BATCH  # at least one step (only the toy scale's budget buys less)
   echo "$method $images $epochs $per $(( images / BATCH * BATCH * epochs * per ))" >> "$HERE/compute/budget.txt"
   for arm in compute epochs; do
     [ $arm = epochs ] && images=$IMAGES epochs=1
