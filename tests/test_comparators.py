@@ -237,7 +237,6 @@ def test_each_objective_trains_two_steps_without_nan(objective, cifar_dir, tmp_p
     assert len(losses) == 2 and "nan" not in "".join(losses)
 
 
-@pytest.mark.quick
 def test_micro_batches_give_the_whole_batch_step(cifar_dir, tmp_path):
     """SmoothMix (an attack, clean and mixed copies, one uniform per image): 2 micro-batches of 2 = one batch of 4."""
     whole, micro = tmp_path / "whole", tmp_path / "micro"
