@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from jobs import at_least, non_negative, positive
 from model import to_model_space
 
 OBJECTIVES = ("rrcm", "smoothadv", "macer", "smoothmix")
@@ -188,7 +189,7 @@ SETTINGS = ("noise_samples", "attack_steps", "epsilon", "attack_step_size", "adv
             "macer_beta", "macer_gamma", "smoothmix_eta", "mix_step")
 
 
-def add_flags(p, at_least, positive, non_negative) -> None:
+def add_flags(p) -> None:
     """--objective and the comparators' settings (unset: DEFAULTS for the dataset and the nearest sigma)."""
     g = p.add_argument_group("objective: rRCM's Eq. (12), or a classical comparator (comparators.py; unset: its paper's "
                              "settings for --dataset at the nearest of sigma 0.25 / 0.5 / 1.0)")

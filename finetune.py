@@ -329,7 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(RandAugment rand-m9-mstd0.5-inc1) / strong / weak")
     g.add_argument("--mixup", type=jobs.non_negative, default=None, help="mixup Beta alpha (0: off): cifar10 0; imagenet 0.8")
     g.add_argument("--cutmix", type=jobs.non_negative, default=None, help="cutmix Beta alpha (0: off): cifar10 0; imagenet 1.0")
-    comparators.add_flags(p, jobs.at_least, jobs.positive, jobs.non_negative)
+    comparators.add_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
     g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images (each with its noisy copies) "
