@@ -20,6 +20,7 @@ released certify.py's grid (paper Table 9; Table 2 is the best over it).
 
     python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --n 100000              # sigma 0.25, 0.5, 1.0
     python certify.py --checkpoint out/finetune_sigma0.25/ckpt.pt --sigma 0.25 --adaptive
+    python certify.py --checkpoint a/ckpt.pt b/ckpt.pt c/ckpt.pt --sigma 0.25   # Boosting: an ensemble as one f
     torchrun --standalone --nproc_per_node=8 -- certify.py --checkpoint ... --sigma 0.25
 """
 import argparse
@@ -44,36 +45,43 @@ PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as 
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}  # Carlini et al. 2022: 500 of CIFAR-10's 10k, 500 of ImageNet's 50k
 PAPER_RADII = {"cifar10": [0.0, 0.25, 0.5, 0.75, 1.0],  # the radii of the paper's tables (Tables 1, 2, 9)
                "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]}
+MAX_MEMBERS = 10  # Boosting's ensembles: up to 10 models (Horvath et al. 2021)
 NOISE = "smoothing.stream_seed v2"  # recorded in each .json: files written with other noise streams are not continued
 
 
 class RRCMClassifier(torch.nn.Module):
     """rRCM as a base classifier f of noisy images in pixel space [0, 1] (what Smooth feeds it: x + sigma eps):
     normalised to the model's [-1, 1] and told the time 2 sigma snapped to the pre-training grid
-    (model.smoothing_time), as the released code does. The noise itself is exactly sigma in pixel space."""
+    (model.smoothing_time), as the released code does. The noise itself is exactly sigma in pixel space.
+    Given several models, f is their ensemble (Boosting, Horvath et al. 2021): the members' logits summed in fp32,
+    the default "soft voting" of their certify_ensemble.py (--aggregation_scheme 0; averaging softmaxes is their
+    scheme 2, an ablation). Every member is told the same time, that of the noise actually in its input."""
 
-    def __init__(self, model: torch.nn.Module, sigma: float):
+    def __init__(self, models: torch.nn.Module | list[torch.nn.Module], sigma: float):
         super().__init__()
-        self.model, self.t = model, smoothing_time(sigma)
-        self.training = model.training  # the wrapper has no mode of its own (Smooth refuses training mode)
+        self.members = torch.nn.ModuleList(models if isinstance(models, (list, tuple)) else [models])
+        self.t = smoothing_time(sigma)
+        self.training = self.members.training = any(m.training for m in self.members)  # no mode of their own
 
     def forward(self, noisy: torch.Tensor) -> torch.Tensor:
-        return self.model(to_model_space(noisy), self.t)
+        x = to_model_space(noisy)
+        return sum(member(x, self.t).float() for member in self.members)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     with jobs.Interruptible(" before certifying; nothing was written") as stop, contextlib.ExitStack() as locks:
         rank, world, device = jobs.start_processes(args.kernels)
-        checkpoint = load_checkpoint(args.checkpoint, "finetune")
+        checkpoint, models = load_members(args.checkpoint)
         dataset = checkpoint["config"]["dataset"]
         precision = jobs.resolve_precision(args.precision, device)
-        model = model_from_checkpoint(checkpoint).to(device).eval()
+        model = models[0]
+        models = [m.to(device).eval() for m in models]
         test = Images(dataset, args.data_dir, "test", device, workers=args.workers)
         indices = certified_indices(len(test), args.skip or DEFAULT_SKIP[dataset], args.num)
         runs = open_results(args, checkpoint, indices, precision, locks, rank, world)
         for sigma, plan, path, images in runs:
-            smooth = Smooth(RRCMClassifier(model, sigma), model.cfg.num_classes, sigma, batch=args.batch, seed=args.seed,
+            smooth = Smooth(RRCMClassifier(models, sigma), model.cfg.num_classes, sigma, batch=args.batch, seed=args.seed,
                             compile=args.compile, autocast=torch.bfloat16 if precision == "bf16" else None)
             stop.note = f"; {path} holds whole lines only; run the same command to continue"
             images.announce("compiling the noise loop ..." if args.compile and images.todo else None)
@@ -100,6 +108,27 @@ def main(argv=None) -> None:
     jobs.close_processes()
 
 
+def load_members(paths: list[str]) -> tuple[dict, list[torch.nn.Module]]:
+    """The fine-tuned models of --checkpoint and the checkpoint that describes the run: the single one, or for an
+    ensemble the first with "checkpoint" and "step" listing every member's and "sigma" their fine-tuning sigmas.
+    Members must classify the same dataset into the same classes."""
+    if len(set(map(os.path.abspath, paths))) < len(paths):
+        raise jobs.UsageError("--checkpoint names a file twice: an ensemble of a model with itself is that model")
+    checkpoints = [load_checkpoint(p, "finetune") for p in paths]
+    for path, c in zip(paths[1:], checkpoints[1:]):
+        first, this = checkpoints[0], c
+        if (this["config"]["dataset"], this["model_args"]["num_classes"]) != (first["config"]["dataset"], first["model_args"]["num_classes"]):
+            raise jobs.UsageError(f"{path} classifies {this['config']['dataset']} ({this['model_args']['num_classes']} classes), "
+                                  f"{paths[0]} {first['config']['dataset']} ({first['model_args']['num_classes']}): an ensemble "
+                                  f"needs one dataset and one set of classes")
+    models = [model_from_checkpoint(c) for c in checkpoints]
+    if len(paths) == 1:
+        return checkpoints[0] | dict(path=paths[0]), models
+    about = dict(checkpoints[0], path=[os.path.abspath(p) for p in paths], step=[c["step"] for c in checkpoints])
+    about["config"] = dict(checkpoints[0]["config"], sigma=[c["config"]["sigma"] for c in checkpoints])
+    return about, models
+
+
 # ----------------------------------------------------------------------------------------------------
 # Which images, which files, and the flags
 
@@ -117,7 +146,8 @@ def open_results(args, checkpoint: dict, indices: list[int], precision: str, loc
             plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], args.stages) if args.adaptive else None
         except ValueError as e:
             raise jobs.UsageError(f"--adaptive at sigma {sigma:g}: {e}") from None
-        config = dict(checkpoint=os.path.abspath(args.checkpoint), step=checkpoint["step"], sigma=sigma, mode=mode,
+        path = checkpoint["path"]
+        config = dict(checkpoint=path if isinstance(path, list) else os.path.abspath(path), step=checkpoint["step"], sigma=sigma, mode=mode,
                       n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed, skip=args.skip or DEFAULT_SKIP[dataset],
                       precision=precision, noise=NOISE)
         if plan is not None:
@@ -134,7 +164,9 @@ def open_results(args, checkpoint: dict, indices: list[int], precision: str, loc
     runs = []
     for k, (sigma, plan, path, config) in enumerate(planned):
         todo = [i for i in indices if i not in done[k]]
-        about = (f"{mode.upper()} sigma {sigma:g} (fine-tuned at {checkpoint['config']['sigma']:g}), {len(indices)} images, "
+        tuned = checkpoint["config"]["sigma"]
+        tuned = f"an ensemble of {len(tuned)} fine-tuned at {', '.join(f'{s:g}' for s in tuned)}" if isinstance(tuned, list) else f"fine-tuned at {tuned:g}"
+        about = (f"{mode.upper()} sigma {sigma:g} ({tuned}), {len(indices)} images, "
                  f"{len(indices) - len(todo)} already in {path}, {world} process(es) on {where}, precision {precision}"
                  + (f", {plan.describe()}" if plan else ""))
         progress = SampleProgress(len(indices) - len(todo), len(indices), len(todo), args.n0 + args.n, world, args.adaptive, rank == 0)
@@ -152,7 +184,8 @@ def certified_indices(num_images: int, skip: int, num: int) -> list[int]:
 def out_path(args: argparse.Namespace, sigma: float) -> str:
     """The TSV of one sigma: --out itself for a single sigma, else with _sigma<sigma> before its extension."""
     if args.out is None:
-        name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
+        name = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint[0])))
+        name += f"_ensemble{len(args.checkpoint)}" if len(args.checkpoint) > 1 else ""
         suffix = "_predict" if args.predict else "_adaptive" if args.adaptive else ""
         return os.path.join("out", "certify", f"{name}_sigma{sigma:g}{suffix}.tsv")
     if len(args.sigma) == 1:
@@ -203,7 +236,8 @@ def stages(text: str) -> list[int]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = jobs.Parser("certify.py", "randomized-smoothing certification")
-    p.add_argument("--checkpoint", default="out/finetune_sigma0.25/ckpt.pt", help="a finetune.py checkpoint")
+    p.add_argument("--checkpoint", nargs="+", default=["out/finetune_sigma0.25/ckpt.pt"], help="a finetune.py checkpoint; "
+                   f"several (at most {MAX_MEMBERS}): their ensemble as one base classifier (Boosting, Horvath et al. 2021)")
     p.add_argument("--sigma", type=sigmas, default=PAPER_SIGMAS, help="smoothing noise stds in pixel space, comma-"
                    "separated, certified in turn, one TSV each (the released grid)")
     p.add_argument("--n0", type=jobs.at_least(1), default=100, help="selection samples")
@@ -234,6 +268,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--out {path} is a directory; give a file name for the TSV")
     if args.batch % CHUNK:
         p.error(f"--batch must be a multiple of {CHUNK}, got {args.batch}")
+    if len(args.checkpoint) > MAX_MEMBERS:
+        p.error(f"--checkpoint takes at most {MAX_MEMBERS} models (Horvath et al.'s largest ensemble), got {len(args.checkpoint)}")
     if (args.stages is not None or args.radii is not None) and not args.adaptive:
         p.error("--stages and --radii need --adaptive")
     if args.adaptive and args.predict:

@@ -19,6 +19,7 @@ stays at its near-zero random init (--train-head trains it, as the paper's text 
     python finetune.py --init out/pretrain/ckpt.pt --sigma 0.25             # rRCM
     python finetune.py --init scratch --preset B --sigma 0.25 --eta1 0 --eta2 0   # Gaussian baseline (Cohen et al.)
     python finetune.py --init scratch --preset B --sigma 0.25               # Consistency baseline (Jeong & Shin)
+    python finetune.py --init scratch --preset B --sigma 0.25 --objective macer   # SmoothAdv, MACER, SmoothMix: comparators.py
     torchrun --standalone --nproc_per_node=8 -- finetune.py --init ... --sigma 0.5
 
 Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
@@ -32,6 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import comparators
 import jobs
 import kernels
 from augment import mixup_cutmix
@@ -90,7 +92,7 @@ def finetune_loss(logits: torch.Tensor, y: torch.Tensor, eta1: float, eta2: floa
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    run = Trainer(args, "finetune", RUN_KEYS)
+    run = Trainer(args, "finetune", RUN_KEYS + comparators.run_keys(args))
     model = build_model(args).to(run.device)
     train = Images(args.dataset, args.data_dir, "train", run.device, limit=args.train_images, workers=args.workers)
     test = Images(args.dataset, args.data_dir, "test", run.device, workers=args.workers)
@@ -101,28 +103,37 @@ def main(argv=None) -> None:
     opt = torch.optim.AdamW(layer_groups(model, args.layer_decay), lr=peak_lr, weight_decay=0.0)
     total = args.epochs * steps_per_epoch
     step = run.resume(model=model, optimizer=opt)
-    micro = run.micro_batch(args.micro_batch, model, COPIES, input_bytes=(2 + COPIES) * 3 * model.cfg.img_size ** 2 * 4)
+    comparator = args.objective != "rrcm"
+    forwards, grad_passes = comparators.passes(args) if comparator else (COPIES * 3, COPIES)
+    micro = run.micro_batch(args.micro_batch, model, grad_passes, input_bytes=(2 + grad_passes) * 3 * model.cfg.img_size ** 2 * 4)
     net = run.distribute(model)
     if args.compile:
         model.compile_blocks()
-    run.start(model, to_model_space(test.batch(torch.arange(1))[0]), step, total, COPIES * 3,
-              f" | {total} steps | peak lr {peak_lr:.3g} | t = {smoothing_time(args.sigma):.4f}")
+    run.start(model, to_model_space(test.batch(torch.arange(1))[0]), step, total, forwards,
+              f" | {total} steps | peak lr {peak_lr:.3g} | t = {smoothing_time(args.sigma):.4f} | objective {args.objective}")
     train.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, args.augment)  # ImageNet: decode ahead
 
     for step in run.steps(step, total, save_also=lambda done: done % steps_per_epoch == 0, data=train):
-        x_t, t, y_a, y_b, lam = step_inputs(train, step, args, run.rank, run.world, run.device)
         lr = warmup_cosine(step // steps_per_epoch, args.schedule_epochs, args.warmup_epochs, peak_lr)  # set per epoch
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_scale"]
         opt.zero_grad(set_to_none=True)
-        if micro is None:
+        if comparator:  # SmoothAdv, MACER or SmoothMix instead of Eq. (12): the same loop around another loss
+            x, eps, y, _, _, u = clean_inputs(train, step, args, run.rank, run.world, run.device, args.noise_samples)
+            t = smoothing_time(args.sigma)
+            loss, parts = backward_micro_batches(net, len(y), micro or len(y), run.autocast, lambda rows: comparators.batch_loss(
+                args, net, model, x[rows], eps[:, rows], y[rows], u[rows], t, step // steps_per_epoch))
+            run.check_finite(loss, parts, step)
+        elif micro is None:
+            x_t, t, y_a, y_b, lam = step_inputs(train, step, args, run.rank, run.world, run.device)
             with run.autocast:
                 logits = net(x_t, t).reshape(COPIES, len(y_a), -1)
                 loss, parts = finetune_loss(logits, y_a, args.eta1, args.eta2, args.label_smoothing, y_b, lam)
             run.check_finite(loss.detach(), {k: v.detach() for k, v in parts.items()}, step)
             loss.backward()
         else:
-            loss, parts = backward_micro_batches(net, x_t, t, y_a, y_b, lam, args, micro, run.autocast)
+            x_t, t, y_a, y_b, lam = step_inputs(train, step, args, run.rank, run.world, run.device)
+            loss, parts = backward_micro_batches(net, len(y_a), micro, run.autocast, eq12_rows(net, x_t, t, y_a, y_b, lam, args))
             run.check_finite(loss, parts, step)  # before the optimizer step: the weights stay untouched
         opt.step()
         if run.log_due(step + 1):  # the lr is the head's (lr_scale 1), as the authors' logs print it
@@ -133,12 +144,21 @@ def main(argv=None) -> None:
 
 
 def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -> tuple:
-    """This rank's batch of step k: (x_t, t, y_a, y_b, lam) with the m noisy copies stacked, drawn shard by
-    shard (data.local_shards); y_b and lam (per image) are None without mixup/cutmix. Mixing comes before
-    the noise, so both copies share the mixed image (as released). Each shard is mixed in
-    ceil(MIXUP_GROUPS / shards) groups, so a step draws MIXUP_GROUPS lambdas, as the authors' 8 processes did."""
+    """This rank's batch of step k: (x_t, t, y_a, y_b, lam) with the m noisy copies stacked (`clean_inputs`)."""
+    x, eps, y_a, y_b, lam, _ = clean_inputs(train, step, args, rank, world, device, COPIES)
+    x_t, t = noisy_input(x.expand(COPIES, *x.shape), args.sigma, eps)
+    return x_t.flatten(0, 1), t, y_a, y_b, lam
+
+
+def clean_inputs(train: Images, step: int, args, rank: int, world: int, device, copies: int) -> tuple:
+    """This rank's batch of step k in pixel space: (x, eps, y_a, y_b, lam, u) with `copies` noise draws eps
+    [copies, B, ...], drawn shard by shard (data.local_shards); y_b and lam (per image) are None without
+    mixup/cutmix; u [B]: one uniform per image for a comparator (SmoothMix's mixing weight), drawn last so that
+    nothing before it depends on it. Mixing comes before the noise, so both copies share the mixed image (as
+    released). Each shard is mixed in ceil(MIXUP_GROUPS / shards) groups, so a step draws MIXUP_GROUPS lambdas, as
+    the authors' 8 processes did."""
     mixing = args.mixup > 0 or args.cutmix > 0
-    xs, ys_a, ys_b, lams, epss = [], [], [], [], []
+    xs, ys_a, ys_b, lams, epss, us = [], [], [], [], [], []
     for shard, idx in local_shards(batch_indices(len(train), args.batch, step, args.seed, rank, world), rank, world, args.shards):
         g = generator(device, args.seed, "step", step, shard)
         x, y = train.finetune_batch(idx, g, args.augment)
@@ -149,33 +169,40 @@ def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -
             ys_b.append(torch.cat([m[2] for m in mixed]))
             lams.append(torch.cat([torch.full((len(m[1]),), m[3], device=device) for m in mixed]))
         xs.append(x), ys_a.append(y)
-        epss.append(torch.randn((COPIES, *x.shape), generator=g, device=device))
-    x, eps = torch.cat(xs), torch.cat(epss, dim=1)
-    x_t, t = noisy_input(x.expand(COPIES, *x.shape), args.sigma, eps)
+        epss.append(torch.randn((copies, *x.shape), generator=g, device=device))
+        us.append(torch.rand(len(y), generator=g, device=device))
     y_b, lam = (torch.cat(ys_b), torch.cat(lams)) if mixing else (None, None)
-    return x_t.flatten(0, 1), t, torch.cat(ys_a), y_b, lam
+    return torch.cat(xs), torch.cat(epss, dim=1), torch.cat(ys_a), y_b, lam, torch.cat(us)
 
 
-def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: int, precision) -> tuple[torch.Tensor, dict]:
-    """The step's loss and gradients `micro` images (with their noisy copies) at a time: every term of Eq. (12) is a
-    mean over the images, so the batch's loss is the micro-batches' losses weighted by their share, and so are its
-    gradients (exact, to float rounding). DDP syncs gradients once, after the last micro-batch."""
-    B = len(y_a)
-    copies = x_t.view(COPIES, B, *x_t.shape[1:])
+def backward_micro_batches(net: nn.Module, B: int, micro: int, precision, loss_of) -> tuple[torch.Tensor, dict]:
+    """The step's loss and gradients `micro` of its B images (with their noisy copies) at a time, loss_of(rows) giving
+    (loss, terms) of the images `rows`: every term of Eq. (12), and of each comparator, is a mean over the images,
+    so the batch's loss is the micro-batches' losses weighted by their share, and so are its gradients (exact, to
+    float rounding). DDP syncs gradients once, after the last micro-batch."""
     loss, parts = 0.0, {}
     for k in range(0, B, micro):
         rows = slice(k, k + micro)
         last = k + micro >= B
         with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()):
             with precision:
-                logits = net(copies[:, rows].flatten(0, 1), t).reshape(COPIES, len(y_a[rows]), -1)
-                part_loss, part = finetune_loss(logits, y_a[rows], args.eta1, args.eta2, args.label_smoothing,
-                                                None if y_b is None else y_b[rows], None if lam is None else lam[rows])
-            share = len(y_a[rows]) / B
+                part_loss, part = loss_of(rows)
+            share = len(range(B)[rows]) / B
             (share * part_loss).backward()
         loss = loss + share * part_loss.detach()
         parts = {name: parts.get(name, 0.0) + share * v.detach() for name, v in part.items()}
     return loss, parts
+
+
+def eq12_rows(net: nn.Module, x_t, t, y_a, y_b, lam, args):
+    """loss_of(rows) for `backward_micro_batches`: Eq. (12) on the images `rows` of the step's batch."""
+    copies = x_t.view(COPIES, len(y_a), *x_t.shape[1:])
+
+    def loss_of(rows: slice) -> tuple[torch.Tensor, dict]:
+        logits = net(copies[:, rows].flatten(0, 1), t).reshape(COPIES, len(y_a[rows]), -1)
+        return finetune_loss(logits, y_a[rows], args.eta1, args.eta2, args.label_smoothing,
+                             None if y_b is None else y_b[rows], None if lam is None else lam[rows])
+    return loss_of
 
 
 @torch.no_grad()
@@ -302,6 +329,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(RandAugment rand-m9-mstd0.5-inc1) / strong / weak")
     g.add_argument("--mixup", type=jobs.non_negative, default=None, help="mixup Beta alpha (0: off): cifar10 0; imagenet 0.8")
     g.add_argument("--cutmix", type=jobs.non_negative, default=None, help="cutmix Beta alpha (0: off): cifar10 0; imagenet 1.0")
+    comparators.add_flags(p)
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="directory for ckpt.pt and log.txt; unset: out/finetune_sigma<sigma>")
     g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images (each with its noisy copies) "
@@ -311,8 +339,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_run_flags(g, 1000, "also at each epoch end and on SIGINT/SIGTERM")
     args = p.parse_args(argv)
     explicit_smoothing = args.label_smoothing is not None
+    comparators.resolve(args, p.error)
+    if args.objective != "rrcm":  # its paper's inputs and its own loss: no mixing, no smoothing, no Eq. (12) weights
+        args.mixup = args.cutmix = args.label_smoothing = 0.0
     for key, value in recipe(args.dataset, args.sigma).items():
-        if getattr(args, key) is None:
+        if getattr(args, key) is None and not (args.objective != "rrcm" and key in ("eta1", "eta2")):
             setattr(args, key, value)
     mixing = args.mixup > 0 or args.cutmix > 0
     args.schedule_epochs = max(args.schedule_epochs or args.epochs, args.epochs)
