@@ -21,7 +21,8 @@ stays at its near-zero random init (--train-head trains it, as the paper's text 
     python finetune.py --init scratch --preset B --sigma 0.25               # Consistency baseline (Jeong & Shin)
     torchrun --standalone --nproc_per_node=8 -- finetune.py --init ... --sigma 0.5
 
-Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; the same command continues bit-identically
+(a requeued job, torchrun --max-restarts: docs/clusters.md).
 """
 import argparse
 import contextlib

@@ -21,10 +21,10 @@ unset takes that recipe's value, and the resolved configuration is printed at st
     torchrun --standalone --nproc_per_node=8 -- pretrain.py --preset B         # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -- pretrain.py --preset B  # two nodes (node_rank=1 on the other)
-    python pretrain.py ... --resume                                          # continue out/pretrain/ckpt.pt
     python pretrain.py --dataset imagenet --data-dir IMAGENET --preset B       # ImageNet recipe
 
-Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; the same command continues bit-identically
+(a requeued job, torchrun --max-restarts: docs/clusters.md).
 """
 import argparse
 import math
