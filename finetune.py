@@ -157,7 +157,7 @@ def step_inputs(train: Images, step: int, args, rank: int, world: int, device) -
     return x_t.flatten(0, 1), t, torch.cat(ys_a), y_b, lam
 
 
-def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: int, precision) -> tuple[torch.Tensor, dict]:
+def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: int, autocast) -> tuple[torch.Tensor, dict]:
     """The step's loss and gradients `micro` images (with their noisy copies) at a time: every term of Eq. (12) is a
     mean over the images, so the batch's loss is the micro-batches' losses weighted by their share, and so are its
     gradients (exact, to float rounding). DDP syncs gradients once, after the last micro-batch."""
@@ -168,7 +168,7 @@ def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: i
         rows = slice(k, k + micro)
         last = k + micro >= B
         with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()):
-            with precision:
+            with autocast:
                 logits = net(copies[:, rows].flatten(0, 1), t).reshape(COPIES, len(y_a[rows]), -1)
                 part_loss, part = finetune_loss(logits, y_a[rows], args.eta1, args.eta2, args.label_smoothing,
                                                 None if y_b is None else y_b[rows], None if lam is None else lam[rows])
@@ -181,7 +181,7 @@ def backward_micro_batches(net: nn.Module, x_t, t, y_a, y_b, lam, args, micro: i
 
 @torch.no_grad()
 def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int, rank: int, world: int, batch: int,
-             precision) -> tuple[float, float]:
+             autocast) -> tuple[float, float]:
     """(clean, noisy) top-1 accuracy on `count` test images spread evenly over the test set (ImageNet's val folder
     is sorted by class: the first 10,000 would be 200 classes): clean read at t = sigma_min (the end of the
     trajectory, as the released evaluation), noisy at the smoothing time of sigma. Noise is seeded per image
@@ -195,7 +195,7 @@ def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int
     for chunk in idx.split(batch):
         x, y = test.batch(chunk)
         eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "eval")
-        with precision:
+        with autocast:
             correct[0] += (model(to_model_space(x), SIGMA_MIN).argmax(1) == y).sum()
             correct[1] += (model(*noisy_input(x, sigma, eps)).argmax(1) == y).sum()
     if world > 1:
