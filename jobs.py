@@ -139,12 +139,15 @@ def init_distributed(timeout: float = COLLECTIVE_TIMEOUT) -> tuple[int, int, tor
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    _timeout["seconds"] = timeout
+    _timeout["seconds"], wait = timeout, datetime.timedelta(seconds=timeout)
     try:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout))
-    except RuntimeError as e:  # seen after torchrun's restarts: gloo's connect refused; also a store never reached
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunError(f"the processes could not connect ({reason[:200]}); under torchrun --max-restarts the next "
+        store, rank, world = next(dist.rendezvous("env://", timeout=wait))
+        # torchrun keeps one store across its restarts: without a prefix of their own, the processes of a restart
+        # can read the addresses of the last attempt's dead ones (gloo: connection refused)
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    except RuntimeError as e:  # a store never reached, a peer that refuses the connection
+        raise RunError(f"the processes could not connect ({failure(e)}); under torchrun --max-restarts the next "
                        f"restart tries again") from None
     device = torch.device("cpu")
     if cuda:
@@ -181,11 +184,19 @@ def lost_process(e: BaseException) -> str | None:
         return (f"no answer from another process within --collective-timeout {_timeout['seconds']:g} s: it stopped, "
                 f"hangs, or its node was lost; the same command continues from the last checkpoint (torchrun "
                 f"--max-restarts does it)")
-    if isinstance(e, dist.DistError) or any(s in text for s in ("Connection reset", "Connection closed", "Broken pipe",
-                                                                 "Connection refused", "NCCL")):
-        return (f"another process ended or its connection broke ({text.strip().splitlines()[0][-120:]}); the same "
-                f"command continues from the last checkpoint (torchrun --max-restarts does it)")
+    if isinstance(e, dist.DistError) or any(s in text for s in CONNECTION_LOST):
+        return (f"another process ended or its connection broke ({failure(e)}); the same command continues from the "
+                f"last checkpoint (torchrun --max-restarts does it)")
     return None
+
+
+CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused", "NCCL")
+
+
+def failure(e: BaseException) -> str:
+    """The gist of torch's message about a failed connection: the socket error where it names one."""
+    text = str(e).strip()
+    return next((s for s in CONNECTION_LOST if s in text), text.splitlines()[0][:160] if text else type(e).__name__)
 
 
 def close_processes() -> None:

@@ -149,6 +149,9 @@ class StopSignal:
     SIGNALS = STOP_SIGNALS
     WAIT = 10.0  # seconds a signalled process waits for the others' agreement: a scheduler's grace ends soon after
 
+    def __init__(self, timeout: float = WAIT):
+        self.wait = min(self.WAIT, timeout)  # the collective timeout, if shorter, fails the wait first
+
     def __enter__(self) -> "StopSignal":
         self.signum = 0
         self.script = os.path.basename(sys.argv[0])
@@ -181,7 +184,7 @@ class StopSignal:
 
     def agree(self, device: torch.device, save: bool) -> tuple[bool, bool]:
         """(stop, save) alike on every rank: stop if any rank was signalled, save if rank 0 says so (its clock
-        decides --save-minutes). One all-reduce, which a signalled rank waits for at most WAIT seconds: then it
+        decides --save-minutes). One all-reduce, which a signalled rank waits for at most `wait` seconds: then it
         is a RunError, as a lost process is."""
         now = time.time()
         self.step_seconds, self.last_call = now - self.last_call, now
@@ -193,10 +196,10 @@ class StopSignal:
             work.wait()
         else:
             try:
-                work.wait(timeout=datetime.timedelta(seconds=self.WAIT))
+                work.wait(timeout=datetime.timedelta(seconds=self.wait))
             except RuntimeError:
                 raise RunError(f"stopped by {signal.Signals(self.signum).name}, and the other processes did not "
-                               f"answer within {self.WAIT:g} s") from None
+                               f"answer within {self.wait:g} s") from None
         self.signum = int(flags[0].item())
         return self.signum != 0, bool(flags[1].item())
 
@@ -372,7 +375,7 @@ class Trainer:
         --save-minutes after the last save, at the last step, and where `save_also(steps done)`; a SIGINT/SIGTERM
         received during a step saves and exits after it. With `data` (an ImageNet Images) the log says how long each
         step waited for it."""
-        with StopSignal() as stop:
+        with StopSignal(self.args.collective_timeout) as stop:
             self.progress = StepProgress(first, total, self.args.batch, data if getattr(data, "dataset", "") == "imagenet" else None)
             last_save = time.time()
             for step in range(first, total):
