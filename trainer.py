@@ -205,8 +205,9 @@ class StopSignal:
 
     def exit(self, script: str, step: int, path: str) -> None:
         name = signal.Signals(self.signum).name if self.signum > 0 else "a signal"
-        print(f"{script}: stopped by {name} after step {step}; checkpoint {path} saved, run the same command to "
-              f"continue", file=sys.stderr, flush=True)
+        if self.speaks:
+            print(f"{script}: stopped by {name} after step {step}; checkpoint {path} saved, run the same command to "
+                  f"continue", file=sys.stderr, flush=True)
         close_processes()
         sys.exit(128 + max(self.signum, 1))
 

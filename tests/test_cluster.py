@@ -24,13 +24,16 @@ UPDATE_TOLERANCE = 1e-4  # as tests/test_faults.py: one process and two differ o
 
 
 def torchrun(argv: list, tmp_path, restarts: int = 0) -> subprocess.Popen:
-    """Two gloo processes on the CPU under torchrun, their output (and the launcher's) in tmp_path/out.txt and
-    err.txt, read by `wait_for`."""
+    """Two gloo processes on the CPU under torchrun; their output and the launcher's go to the files `.out` and
+    `.err` name (one pair per launch in tmp_path)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            f"--max-restarts={restarts}", "--", *argv]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    out, err = open(tmp_path / "out.txt", "w"), open(tmp_path / "err.txt", "w")
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=err, env=env)
+    launch = len(list(tmp_path.glob("launch*.out")))
+    out, err = tmp_path / f"launch{launch}.out", tmp_path / f"launch{launch}.err"
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=open(out, "w"), stderr=open(err, "w"), env=env)
+    process.out, process.err = out, err
+    return process
 
 
 def wait_for(check, what: str, process: subprocess.Popen, timeout: float = 300):
@@ -105,12 +108,12 @@ def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_ends_as_if_un
     (--save-minutes 1e-6) with --save-every 2 on top."""
     launcher = torchrun(pretrain_argv(cifar_dir, tmp_path / "run", "--save-minutes", "1e-6"), tmp_path, restarts=1)
     try:
-        wait_for(lambda: f"step 3/{PRETRAIN_STEPS} |" in text(tmp_path / "out.txt"), "step 3", launcher)
+        wait_for(lambda: f"step 3/{PRETRAIN_STEPS} |" in text(launcher.out), "step 3", launcher)
         os.kill(worker(launcher, 1), signal.SIGKILL)
-        assert launcher.wait(timeout=300) == 0, text(tmp_path / "err.txt")[-3000:]
+        assert launcher.wait(timeout=300) == 0, text(launcher.err)[-3000:]
     finally:
         launcher.kill()
-    out = text(tmp_path / "out.txt")
+    out = text(launcher.out)
     resumed = [line for line in out.splitlines() if line.startswith("resuming")]
     assert len(resumed) == 1 and int(resumed[0].split()[-1]) in (3, 4, 5), out  # saved every step: at most one lost
     assert out.count(f"step {PRETRAIN_STEPS}/{PRETRAIN_STEPS} |") == 1
@@ -128,7 +131,7 @@ def test_a_stopped_rank_ends_the_others_within_the_timeout_and_one_process_finis
     timeout = 4
     launcher = torchrun(pretrain_argv(cifar_dir, tmp_path / "run", "--collective-timeout", str(timeout)), tmp_path)
     try:
-        wait_for(lambda: f"step 3/{PRETRAIN_STEPS} |" in text(tmp_path / "out.txt"), "step 3", launcher)
+        wait_for(lambda: f"step 3/{PRETRAIN_STEPS} |" in text(launcher.out), "step 3", launcher)
         hung, survivor = worker(launcher, 1), worker(launcher, 0)
         os.kill(hung, signal.SIGSTOP)
         os.kill(survivor, signal.SIGTERM)
@@ -140,12 +143,12 @@ def test_a_stopped_rank_ends_the_others_within_the_timeout_and_one_process_finis
     finally:
         launcher.kill()
     assert waited < timeout + 30, waited  # the timeout and the step rank 0 was in, on a loaded machine
-    said = [line for line in text(tmp_path / "err.txt").splitlines() if line.startswith("pretrain.py: ")]
+    said = [line for line in text(launcher.err).splitlines() if line.startswith("pretrain.py: ")]
     assert said[0].startswith("pretrain.py: SIGTERM received: finishing the current step"), said
     assert len(said) == 2 and said[1].startswith("pretrain.py: error: "), said
     assert (f"no answer from another process within --collective-timeout {timeout} s" in said[1]
             or "the other processes did not answer within" in said[1]), said[1]
-    assert f'File "{ROOT}' not in text(tmp_path / "err.txt")  # no traceback from the scripts (torchrun prints its own)
+    assert f'File "{ROOT}' not in text(launcher.err)  # no traceback from the scripts (torchrun prints its own)
     cut = load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "pretrain")
     assert 2 <= cut["step"] < PRETRAIN_STEPS
     pretrain.main(pretrain_argv(cifar_dir, tmp_path / "run")[1:])  # the node is gone: one process, --shards 2
@@ -153,19 +156,28 @@ def test_a_stopped_rank_ends_the_others_within_the_timeout_and_one_process_finis
     assert_same_run(load_checkpoint(str(tmp_path / "run" / "ckpt.pt"), "pretrain"), want, start, ("model", "target"))
 
 
-def test_finetuning_restarted_by_torchrun_ends_as_if_uninterrupted(cifar_dir, tmp_path):
-    """Fine-tuning from scratch, 2 epochs of 3 steps; rank 1 SIGKILLed after step 4 (checkpoints at 3, the epoch's
-    end, and every --save-every 2)."""
+def test_finetuning_restarted_by_torchrun_then_requeued_ends_as_if_uninterrupted(cifar_dir, tmp_path):
+    """Fine-tuning from scratch, 2 epochs of 3 steps, one command line for all of it: rank 1 SIGKILLed after step 2
+    (torchrun --max-restarts=1 restarts both from the last checkpoint); then SIGTERM to torchrun, as a scheduler
+    sends before its kill (the processes finish the step, save and exit); then the same command again, as a
+    requeued batch script runs it. The weights at step 6 are an uninterrupted run's."""
     import finetune
     argv = lambda out: finetune_args(cifar_dir, out, "--epochs", "2", "--save-every", "2", "--log-every", "1", "--shards", "2")
     launcher = torchrun(["finetune.py", *argv(tmp_path / "run")], tmp_path, restarts=1)
     try:
-        wait_for(lambda: "step 4/6 |" in text(tmp_path / "out.txt"), "step 4", launcher)
+        wait_for(lambda: "step 2/6 |" in text(launcher.out), "step 2", launcher)
         os.kill(worker(launcher, 1), signal.SIGKILL)
-        assert launcher.wait(timeout=300) == 0, text(tmp_path / "err.txt")[-3000:]
+        wait_for(lambda: "step 4/6 |" in text(launcher.out).partition("resuming")[2], "step 4 after the restart", launcher)
+        launcher.send_signal(signal.SIGTERM)
+        assert launcher.wait(timeout=120) != 0
     finally:
         launcher.kill()
-    assert text(tmp_path / "out.txt").count("resuming ") == 1
+    stopped = [line for line in text(launcher.err).splitlines() if line.startswith("finetune.py: stopped by SIGTERM after step ")]
+    assert len(stopped) == 1 or "step 6/6 |" in text(launcher.out), text(launcher.err)[-3000:]  # or it ended first
+    requeued = torchrun(["finetune.py", *argv(tmp_path / "run")], tmp_path)
+    assert requeued.wait(timeout=300) == 0, text(requeued.err)[-3000:]
+    step = stopped[0].split("after step ")[1].split(";")[0] if stopped else "6"
+    assert f"ckpt.pt at step {step}" in text(requeued.out), text(requeued.out)
     finetune.main(argv(tmp_path / "one"))
     start = finetune.build_model(finetune.parse_args(argv(tmp_path / "one"))).state_dict()
     got, want = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "finetune") for d in ("run", "one"))
@@ -183,10 +195,10 @@ def test_certification_restarted_by_torchrun_loses_and_repeats_no_line(finetuned
         wait_for(lambda: os.path.exists(tmp_path / "two.tsv") and text(tmp_path / "two.tsv").count("\n") >= 3,
                  "the first round of lines", launcher)
         os.kill(worker(launcher, 1), signal.SIGKILL)
-        assert launcher.wait(timeout=300) == 0, text(tmp_path / "err.txt")[-3000:]
+        assert launcher.wait(timeout=300) == 0, text(launcher.err)[-3000:]
     finally:
         launcher.kill()
-    announced = [line for line in text(tmp_path / "out.txt").splitlines() if line.startswith("CERTIFY sigma 0.25")]
+    announced = [line for line in text(launcher.out).splitlines() if line.startswith("CERTIFY sigma 0.25")]
     assert len(announced) == 2 and ", 0 already in" in announced[0] and ", 0 already in" not in announced[1], announced
     certify.main(argv(tmp_path / "one.tsv"))
     without_time = lambda path: [line.split("\t")[:5] for line in text(path).splitlines()]
