@@ -190,7 +190,7 @@ def lost_process(e: BaseException) -> str | None:
     return None
 
 
-CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused", "NCCL")
+CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
 
 
 def failure(e: BaseException) -> str:
@@ -284,7 +284,6 @@ def precision_flag(text: str) -> str:
     if text != "auto":
         return text
     return resolve_precision(text, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-precision_flag.__name__ = "precision"
 
 
 def autocast(device: torch.device, precision: str):
