@@ -227,6 +227,7 @@ jobs.run_script(lambda: jobs.save_checkpoint({str(path)!r}, dict(kind="pretrain"
     assert previous["step"] == 1 and torch.equal(previous["weights"], torch.zeros(10))
 
 
+@pytest.mark.quick
 def test_a_corrupt_checkpoint_is_refused_in_one_line(cifar_dir, tmp_path):
     """A ckpt.pt cut short (a copy interrupted, a file system that lost its tail): the same command refuses it,
     names it and says what to do, rather than starting afresh over it."""
