@@ -104,7 +104,7 @@ def pretrained(cifar_dir, tmp_path_factory) -> tuple[dict, dict]:
 def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_ends_as_if_uninterrupted(pretrained, cifar_dir, tmp_path):
     """torchrun --max-restarts=1, rank 1 SIGKILLed after step 3: both ranks start again with the same command
     line, from the last checkpoint, and the weights at step 8 are those of an uninterrupted run. Checkpoints come
-    every step by wall time (--save-minutes 1e-6; --save-every 2 alone would give step 2 or 4), and rank 0 saves the
+    every step by wall time (--save-minutes 1e-6, decided by rank 0 for both), and rank 0 saves the
     step it finished when it finds its peer gone: the restart loses no step it could keep."""
     launcher = torchrun(pretrain_argv(cifar_dir, tmp_path / "run", "--save-minutes", "1e-6"), tmp_path, restarts=1)
     try:
