@@ -24,7 +24,6 @@ released certify.py's grid (paper Table 9; Table 2 is the best over it).
     torchrun --standalone --nproc_per_node=8 -- certify.py --checkpoint ... --sigma 0.25
 """
 import argparse
-import contextlib
 import math
 import os
 import time
@@ -36,12 +35,12 @@ import jobs
 import results
 import smoothing
 from data import Images, add_workers_flag
-from jobs import SampleProgress, SharedImages, load_checkpoint, model_from_checkpoint
+from jobs import load_checkpoint, model_from_checkpoint
 from model import smoothing_time, to_model_space
 from report import different_images, summary, table
 from smoothing import CHUNK, AdaptivePlan, Smooth
 
-PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default (as of Dec 2024 and today)
+PAPER_SIGMAS = "0.25,0.5,1.0"  # the released certify.py's --sigmas default
 DEFAULT_SKIP = {"cifar10": 20, "imagenet": 100}  # Carlini et al. 2022: 500 of CIFAR-10's 10k, 500 of ImageNet's 50k
 PAPER_RADII = {"cifar10": [0.0, 0.25, 0.5, 0.75, 1.0],  # the radii of the paper's tables (Tables 1, 2, 9)
                "imagenet": [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]}
@@ -70,24 +69,19 @@ class RRCMClassifier(torch.nn.Module):
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    with jobs.Interruptible(" before certifying; nothing was written") as stop, contextlib.ExitStack() as locks:
-        rank, world, device = jobs.start_processes(args.kernels)
+    with jobs.CertificationJob(args.kernels, args.collective_timeout) as job:  # processes, file locks, SIGINT/SIGTERM
         checkpoint, models = load_members(args.checkpoint)
         dataset = checkpoint["config"]["dataset"]
-        precision = jobs.resolve_precision(args.precision, device)
-        model = models[0]
-        models = [m.to(device).eval() for m in models]
-        test = Images(dataset, args.data_dir, "test", device, workers=args.workers)
+        models = [m.to(job.device).eval() for m in models]
+        test = Images(dataset, args.data_dir, "test", job.device, workers=args.workers)
         indices = certified_indices(len(test), args.skip or DEFAULT_SKIP[dataset], args.num)
-        runs = open_results(args, checkpoint, indices, precision, locks, rank, world)
-        for sigma, plan, path, images in runs:
-            smooth = Smooth(RRCMClassifier(models, sigma), model.cfg.num_classes, sigma, batch=args.batch, seed=args.seed,
-                            compile=args.compile, autocast=torch.bfloat16 if precision == "bf16" else None)
-            stop.note = f"; {path} holds whole lines only; run the same command to continue"
+        for sigma, plan, images in open_results(args, checkpoint, indices, job):
+            smooth = Smooth(RRCMClassifier(models, sigma), models[0].cfg.num_classes, sigma, batch=args.batch, seed=args.seed,
+                            compile=args.compile, autocast=torch.bfloat16 if args.precision == "bf16" else None)
             images.announce("compiling the noise loop ..." if args.compile and images.todo else None)
             if args.compile and images.todo:  # compile every batch size the loop will use, outside any image's time
                 smooth.warm_up(test.batch(torch.tensor(images.todo[:1]))[0][0], args.n0, plan.looks if plan else [args.n])
-            test.prefetch([torch.tensor([i]) for i in images.todo[rank::world]])  # ImageNet: decode ahead
+            test.prefetch([torch.tensor([i]) for i in images.mine])  # ImageNet: decode ahead
             for idx in images:  # this process's images, round by round; rank 0 appends each round's lines
                 x, label = test.batch(torch.tensor([idx]))
                 start, samples = time.time(), None
@@ -98,14 +92,10 @@ def main(argv=None) -> None:
                 else:
                     prediction, radius = smooth.certify(x[0], args.n0, args.n, args.alpha, key=idx, tick=images.tick)
                 images.record(results.row(idx, int(label), prediction, radius, time.time() - start, samples))
-            if rank == 0 and os.path.exists(path):
-                print(summary(path), flush=True)
-        written = [path for _, _, path, _ in runs if os.path.exists(path)]
-        if rank == 0 and len(written) > 1:  # Table 2's row: the best certified accuracy over sigma at each radius
-            names, done = [os.path.basename(p) for p in written], [results.read_tsv(p) for p in written]
-            problem = different_images(names, done)  # e.g. a file continued from a run with another --num
-            print(table(names, done, envelope=problem is None) + (f"\nno best-over-sigma row: {problem}" if problem else ""))
-    jobs.close_processes()
+            if job.master and os.path.exists(images.path):
+                print(summary(images.path), flush=True)
+        if job.master:
+            print_best_over_sigma([out_path(args, sigma) for sigma in args.sigma])
 
 
 def load_members(paths: list[str]) -> tuple[dict, list[torch.nn.Module]]:
@@ -132,47 +122,44 @@ def load_members(paths: list[str]) -> tuple[dict, list[torch.nn.Module]]:
 # ----------------------------------------------------------------------------------------------------
 # Which images, which files, and the flags
 
-def open_results(args, checkpoint: dict, indices: list[int], precision: str, locks: contextlib.ExitStack,
-                 rank: int, world: int) -> list[tuple]:
-    """(sigma, adaptive plan or None, TSV path, the images still to certify) per --sigma. Rank 0 takes every file's lock and
-    reads what is there before anything is written; a refusal (a file of another configuration, a malformed
-    line) ends every process with the same one line."""
+def open_results(args, checkpoint: dict, indices: list[int], job: jobs.CertificationJob) -> list[tuple]:
+    """(sigma, adaptive plan or None, its SharedImages: the images its TSV still lacks) per --sigma, each TSV's
+    configuration recorded beside it (a file of another configuration is refused, not continued)."""
     dataset = checkpoint["config"]["dataset"]
     mode = "predict" if args.predict else "certify-adaptive" if args.adaptive else "certify"
-    header = results.ADAPTIVE_HEADER if args.adaptive else results.HEADER
-    planned, files = [], []
+    planned = []
     for sigma in args.sigma:
         try:  # refused when no requested radius is within reach of n samples at this sigma
-            plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], args.stages) if args.adaptive else None
+            plan = AdaptivePlan(args.n, args.alpha, sigma, args.radii or PAPER_RADII[dataset], looks(args)) if args.adaptive else None
         except ValueError as e:
             raise jobs.UsageError(f"--adaptive at sigma {sigma:g}: {e}") from None
         path = checkpoint["path"]
         config = dict(checkpoint=path if isinstance(path, list) else os.path.abspath(path), step=checkpoint["step"], sigma=sigma, mode=mode,
                       n0=args.n0, n=args.n, alpha=args.alpha, seed=args.seed, skip=args.skip or DEFAULT_SKIP[dataset],
-                      precision=precision, noise=NOISE)
+                      precision=args.precision, noise=NOISE)
         if plan is not None:
             config |= dict(looks=plan.looks, alphas=plan.alphas, radii=plan.radii)
         planned.append((sigma, plan, out_path(args, sigma), config))
-
-    def read_all() -> list[set[int]]:
-        for _, _, path, config in planned:
-            locks.enter_context(results.lock_results(path))
-            files.append(results.Results(path, config, header))
-        return [f.done for f in files]
-    done = jobs.decided_by_rank0(read_all, results.ResultsError)
+    shared = job.share([(path, config) for _, _, path, config in planned],
+                       results.ADAPTIVE_HEADER if args.adaptive else results.HEADER, indices, args.n0 + args.n, args.adaptive)
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
-    runs = []
-    for k, (sigma, plan, path, config) in enumerate(planned):
-        todo = [i for i in indices if i not in done[k]]
-        tuned = checkpoint["config"]["sigma"]
-        tuned = f"an ensemble of {len(tuned)} fine-tuned at {', '.join(f'{s:g}' for s in tuned)}" if isinstance(tuned, list) else f"fine-tuned at {tuned:g}"
-        about = (f"{mode.upper()} sigma {sigma:g} ({tuned}), {len(indices)} images, "
-                 f"{len(indices) - len(todo)} already in {path}, {world} process(es) on {where}, precision {precision}"
-                 + (f", {plan.describe()}" if plan else ""))
-        progress = SampleProgress(len(indices) - len(todo), len(indices), len(todo), args.n0 + args.n, world, args.adaptive, rank == 0)
-        images = SharedImages(todo, files[k].append if files else None, progress, rank, world, about)
-        runs.append((sigma, plan, path, images))
-    return runs
+    tuned = checkpoint["config"]["sigma"]
+    tuned = (f"an ensemble of {len(tuned)} fine-tuned at {', '.join(f'{s:g}' for s in tuned)}" if isinstance(tuned, list)
+             else f"fine-tuned at {tuned:g}")
+    for (sigma, plan, path, _), images in zip(planned, shared):
+        images.about = (f"{mode.upper()} sigma {sigma:g} ({tuned}), "
+                        f"{len(indices)} images, {len(indices) - len(images.todo)} already in {path}, {job.world} "
+                        f"process(es) on {where}, precision {args.precision}" + (f", {plan.describe()}" if plan else ""))
+    return [(sigma, plan, images) for (sigma, plan, _, _), images in zip(planned, shared)]
+
+
+def print_best_over_sigma(paths: list[str]) -> None:
+    """Table 2's row under the table of every TSV written: the best certified accuracy over sigma at each radius."""
+    written = [path for path in paths if os.path.exists(path)]
+    if len(written) > 1:
+        names, done = [os.path.basename(p) for p in written], [results.read_tsv(p) for p in written]
+        problem = different_images(names, done)  # e.g. a file continued from a run with another --num
+        print(table(names, done, envelope=problem is None) + (f"\nno best-over-sigma row: {problem}" if problem else ""))
 
 
 def certified_indices(num_images: int, skip: int, num: int) -> list[int]:
@@ -220,6 +207,13 @@ def radii(text: str) -> list[float]:
             raise argparse.ArgumentTypeError(f"must be finite, >= 0 and have at most 4 decimals, got {text}")
         values.append(float(value))
     return sorted(set(values))
+
+
+def looks(args: argparse.Namespace) -> list[int]:
+    """Adaptive CERTIFY's looks: --stages below --n and n itself, or by default 100, 200, 400, ... below n, and n."""
+    if args.stages is None:
+        return smoothing.default_looks(args.n)
+    return sorted({s for s in args.stages if s < args.n} | {args.n})
 
 
 def stages(text: str) -> list[int]:
@@ -276,8 +270,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--adaptive applies to CERTIFY, not --predict")
     if args.adaptive and args.n % CHUNK:
         p.error(f"--adaptive needs --n to be a multiple of {CHUNK}, got {args.n}")
-    if args.adaptive:
-        args.stages = smoothing.default_looks(args.n) if args.stages is None else sorted({s for s in args.stages if s < args.n} | {args.n})
     return args
 
 

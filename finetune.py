@@ -22,7 +22,8 @@ stays at its near-zero random init (--train-head trains it, as the paper's text 
     python finetune.py --init scratch --preset B --sigma 0.25 --objective macer   # SmoothAdv, MACER, SmoothMix: comparators.py
     torchrun --standalone --nproc_per_node=8 -- finetune.py --init ... --sigma 0.5
 
-Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; the same command continues bit-identically
+(a requeued job, torchrun --max-restarts: docs/clusters.md).
 """
 import argparse
 import contextlib
@@ -175,7 +176,7 @@ def clean_inputs(train: Images, step: int, args, rank: int, world: int, device, 
     return torch.cat(xs), torch.cat(epss, dim=1), torch.cat(ys_a), y_b, lam, torch.cat(us)
 
 
-def backward_micro_batches(net: nn.Module, B: int, micro: int, precision, loss_of) -> tuple[torch.Tensor, dict]:
+def backward_micro_batches(net: nn.Module, B: int, micro: int, autocast, loss_of) -> tuple[torch.Tensor, dict]:
     """The step's loss and gradients `micro` of its B images (with their noisy copies) at a time, loss_of(rows) giving
     (loss, terms) of the images `rows`: every term of Eq. (12), and of each comparator, is a mean over the images,
     so the batch's loss is the micro-batches' losses weighted by their share, and so are its gradients (exact, to
@@ -185,7 +186,7 @@ def backward_micro_batches(net: nn.Module, B: int, micro: int, precision, loss_o
         rows = slice(k, k + micro)
         last = k + micro >= B
         with (contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()):
-            with precision:
+            with autocast:
                 part_loss, part = loss_of(rows)
             share = len(range(B)[rows]) / B
             (share * part_loss).backward()
@@ -207,7 +208,7 @@ def eq12_rows(net: nn.Module, x_t, t, y_a, y_b, lam, args):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int, rank: int, world: int, batch: int,
-             precision) -> tuple[float, float]:
+             autocast) -> tuple[float, float]:
     """(clean, noisy) top-1 accuracy on `count` test images spread evenly over the test set (ImageNet's val folder
     is sorted by class: the first 10,000 would be 200 classes): clean read at t = sigma_min (the end of the
     trajectory, as the released evaluation), noisy at the smoothing time of sigma. Noise is seeded per image
@@ -221,7 +222,7 @@ def evaluate(model: nn.Module, test: Images, sigma: float, count: int, seed: int
     for chunk in idx.split(batch):
         x, y = test.batch(chunk)
         eps = seeded_noise(x.shape[1:], chunk, x.device, seed, "eval")
-        with precision:
+        with autocast:
             correct[0] += (model(to_model_space(x), SIGMA_MIN).argmax(1) == y).sum()
             correct[1] += (model(*noisy_input(x, sigma, eps)).argmax(1) == y).sum()
     if world > 1:

@@ -2,13 +2,16 @@
 (the training loop's own skeleton is trainer.py):
 
 - usage errors and flags: one line and a non-zero exit for every mistake in the user's input;
-- processes: one per GPU under torchrun (NCCL), or gloo on CPU; who speaks;
+- processes: one per GPU under torchrun (NCCL), or gloo on CPU; who speaks; a lost process ends the others in one
+  line within --collective-timeout, so that torchrun or the scheduler can restart them all;
 - precision (bf16 autocast where the hardware has it) and the kernels (fused Triton or PyTorch);
-- checkpoints: one dict {kind, model_args, model, ..., step, config}, written atomically;
-- certification's progress (samples/s, ETA), its images shared among processes, and a stop on SIGINT/SIGTERM.
+- checkpoints: one dict {kind, model_args, model, ..., step, config}, written atomically and synced to disk;
+- certification as a job: its images shared among processes, its results files locked, its progress (samples/s,
+  ETA), and a stop on SIGINT/SIGTERM.
 """
 import argparse
 import contextlib
+import datetime
 import math
 import os
 import re
@@ -21,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+import results
 from model import ViT, ViTConfig
 
 
@@ -28,17 +32,36 @@ class UsageError(ValueError):
     """A mistake in the user's input (flags, files): the scripts print it as one line and exit non-zero."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on for a reason outside the user's input (a process lost, a disk full): the scripts
+    print it as one line and exit non-zero, so that torchrun or the scheduler restarts the same command."""
+
+
 def run_script(main: Callable[[], None], *errors: type[Exception]) -> None:
-    """A script's `__main__`: a UsageError (or one of `errors`) becomes `<script>: error: <message>`, exit 1;
-    so does running out of GPU memory despite the estimate (Trainer.micro_batch)."""
+    """A script's `__main__`: a UsageError, RunError (or one of `errors`) becomes `<script>: error: <message>`,
+    exit 1; so do running out of GPU memory despite the estimate (Trainer.micro_batch) and losing another process."""
     script = os.path.basename(sys.argv[0])
     try:
         main()
-    except (UsageError, *errors) as e:
+    except (UsageError, RunError, *errors) as e:
+        if distributed():  # a peer may be gone: leaving the process group could block or abort
+            leave_now(f"{script}: error: {e}")
         sys.exit(f"{script}: error: {e}")
     except torch.OutOfMemoryError:
         sys.exit(f"{script}: error: out of GPU memory: pass a smaller --micro-batch, or use more processes or a "
                  f"smaller --batch")
+    except RuntimeError as e:
+        if (lost := lost_process(e)) is None:
+            raise
+        leave_now(f"{script}: error: {lost}")
+
+
+def leave_now(line: str) -> None:
+    """Print one line and exit 1 with no clean-up: a process group torn down while a collective still waits on a lost
+    process aborts the interpreter (SIGABRT, and a C++ message) instead of exiting."""
+    print(line, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,21 +114,41 @@ non_negative = interval(0.0)             # >= 0 and finite
 
 
 def add_device_flags(g) -> None:
+    """--kernels, --precision (auto is resolved as it is parsed: the run's config records bf16 or fp32) and
+    --collective-timeout."""
     g.add_argument("--kernels", choices=kernels.BACKENDS, default=kernels.backend(), help="fused Triton kernels or PyTorch")
-    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+    g.add_argument("--precision", type=precision_flag, choices=PRECISIONS, default="auto",
                    help="auto: bf16 autocast on GPUs and on CPUs with native bf16 (AMX / AVX512-BF16), else fp32")
+    g.add_argument("--collective-timeout", type=positive, default=COLLECTIVE_TIMEOUT, metavar="SECONDS",
+                   help="under torchrun: how long a process waits for the others in a collective before it ends with "
+                        "one line (another process died, stopped or lost its node); longer than the slowest step or "
+                        "image, as unequal as they get across processes")
 
 
 # ----------------------------------------------------------------------------------------------------
 # Processes: one per GPU under torchrun; rank 0 speaks and writes
 
-def init_distributed() -> tuple[int, int, torch.device]:
+COLLECTIVE_TIMEOUT = 600.0  # seconds; NCCL's own default, and far longer than a step's imbalance across processes
+_timeout = {"seconds": COLLECTIVE_TIMEOUT}  # the process group's, for the line that reports it
+
+
+def init_distributed(timeout: float = COLLECTIVE_TIMEOUT) -> tuple[int, int, torch.device]:
     """(rank, world size, device). Under torchrun (RANK is set) join the process group: NCCL on GPUs,
-    gloo on CPU; otherwise a single process on the GPU if there is one."""
+    gloo on CPU; otherwise a single process on the GPU if there is one. A collective that waits longer than
+    `timeout` seconds for another process fails (see lost_process); a group that cannot form is a RunError."""
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if cuda else "cpu")
-    dist.init_process_group("nccl" if cuda else "gloo")
+    _timeout["seconds"], wait = timeout, datetime.timedelta(seconds=timeout)
+    try:
+        store, rank, world = next(dist.rendezvous("env://", timeout=wait))
+        # torchrun keeps one store across its restarts: without a prefix of their own, the processes of a restart
+        # can read the addresses of the last attempt's dead ones (gloo: connection refused)
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+        dist.init_process_group("nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=wait)
+    except RuntimeError as e:  # a store never reached, a peer that refuses the connection
+        raise RunError(f"the processes could not connect ({failure(e)}); under torchrun --max-restarts the next "
+                       f"restart tries again") from None
     device = torch.device("cpu")
     if cuda:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -121,14 +164,39 @@ def select_kernels(backend: str) -> None:
         raise UsageError(str(e)) from None
 
 
-def start_processes(kernels_backend: str) -> tuple[int, int, torch.device]:
+def start_processes(kernels_backend: str, timeout: float = COLLECTIVE_TIMEOUT) -> tuple[int, int, torch.device]:
     """Select the kernels, then join the processes: (rank, world, device)."""
     select_kernels(kernels_backend)
-    return init_distributed()
+    return init_distributed(timeout)
 
 
 def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def lost_process(e: BaseException) -> str | None:
+    """What a failed collective means, in a line, or None for an error that is not one. Gloo raises a plain
+    RuntimeError: "Timed out waiting ..." when a process stops answering, "Connection reset/closed" when one dies."""
+    text = str(e)
+    if not dist.is_initialized() or not isinstance(e, RuntimeError):
+        return None
+    if "timed out" in text.lower():
+        return (f"no answer from another process within --collective-timeout {_timeout['seconds']:g} s: it stopped, "
+                f"hangs, or its node was lost; the same command continues from the last checkpoint (torchrun "
+                f"--max-restarts does it)")
+    if isinstance(e, dist.DistError) or any(s in text for s in CONNECTION_LOST):
+        return (f"another process ended or its connection broke ({failure(e)}); the same command continues from the "
+                f"last checkpoint (torchrun --max-restarts does it)")
+    return None
+
+
+CONNECTION_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Connection refused")
+
+
+def failure(e: BaseException) -> str:
+    """The gist of torch's message about a failed connection: the socket error where it names one."""
+    text = str(e).strip()
+    return next((s for s in CONNECTION_LOST if s in text), text.splitlines()[0][:160] if text else type(e).__name__)
 
 
 def close_processes() -> None:
@@ -210,6 +278,14 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def precision_flag(text: str) -> str:
+    """--precision as argparse reads it: `auto` resolved for the device the run will use (the GPU if there is one),
+    so that the parsed flags are the run's configuration; anything else is left to argparse's choices."""
+    if text != "auto":
+        return text
+    return resolve_precision(text, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context for a resolved precision: matmuls in bf16 with fp32 weights and reductions."""
     if precision == "bf16":
@@ -227,12 +303,53 @@ def peak_bf16_flops() -> float | None:
 # Checkpoints: one dict {kind, model_args, model, [target,] optimizer, step, config}, enough to rebuild
 # the model without being told its shape
 
+class _Writes:
+    """A file's write and flush for torch.save, keeping the OSError that torch's writer turns into "unexpected pos"."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_checkpoint(path: str, checkpoint: dict) -> None:
-    """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Write atomically and durably: into <path>.tmp, synced to disk, renamed over `path`, and the rename synced
+    too, so that a crash or a lost node at any moment leaves the previous checkpoint or this one, whole. A write
+    that fails (a full disk, a quota) removes the temporary file and is a RunError; `path` keeps the previous one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            writes = _Writes(f)
+            try:
+                torch.save(checkpoint, writes)
+            except RuntimeError:  # torch's zip writer reports a failed write as "unexpected pos ..."
+                if writes.error is None:
+                    raise
+                raise writes.error from None
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        directory = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        kept = "the previous checkpoint there is intact" if os.path.exists(path) else "no checkpoint was kept"
+        raise RunError(f"cannot write checkpoint {path}: {e.strerror or e} ({kept}); free space or choose another "
+                       f"--out") from None
 
 
 def load_checkpoint(path: str, kind: str) -> dict:
@@ -319,25 +436,30 @@ class SampleProgress:
 
 
 class SharedImages:
-    """Images shared among the processes in rounds of one image each: iterating gives this process's images,
-    `record` takes each one's result line, and rank 0 hands every round's lines, in image order, to `write`
-    (a collective per round: every rank iterates to the end)."""
+    """One results file's images, shared among the processes in rounds of one image each: iterating gives this
+    process's images, `record` takes each one's result line, and rank 0 hands every round's lines, in image order,
+    to `write` (a collective per round: every rank iterates to the end)."""
 
-    def __init__(self, todo: list[int], write: Callable[[list[str]], None] | None, progress: SampleProgress, rank: int,
-                 world: int, about: str):
-        self.todo, self.write, self.progress, self.rank, self.world, self.about = todo, write, progress, rank, world, about
+    def __init__(self, path: str, todo: list[int], write: Callable[[list[str]], None] | None, progress: SampleProgress,
+                 job: "CertificationJob"):
+        self.path, self.todo, self.write, self.progress, self.job = path, todo, write, progress, job
+        self.mine = todo[job.rank::job.world]  # this process's images, for decoding ahead
         self.tick = progress.tick
+        self.about = path
 
     def announce(self, also: str | None = None) -> None:
-        if self.rank == 0:
+        """Say (rank 0) what runs now: `about`, and `also`; from here on a stop names this file."""
+        self.job.stop.note = f"; {self.path} holds whole lines only; run the same command to continue"
+        if self.job.master:
             print(self.about + (f"\n{also}" if also else ""), flush=True)
 
     def __iter__(self) -> Iterator[int]:
+        rank, world = self.job.rank, self.job.world
         self.progress.start = self.progress.last = time.time()
-        for r in range(0, len(self.todo), self.world):
+        for r in range(0, len(self.todo), world):
             self.line = None
-            if r + self.rank < len(self.todo):
-                yield self.todo[r + self.rank]
+            if r + rank < len(self.todo):
+                yield self.todo[r + rank]
             rows = [line for line in gather_objects(self.line) if line is not None]
             if self.write is not None:
                 self.write(rows)
@@ -376,3 +498,55 @@ class Interruptible:
             signal.signal(s, handler)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Certification as a job: the machinery around certify.py's loop
+
+class CertificationJob:
+    """The run around certification's loop: the processes (joined on entry, left together at the end),
+    SIGINT/SIGTERM as Interrupted with a note of what is on disk, and the results files' one-writer locks, held
+    by rank 0 to the end. A run killed or restarted (torchrun --max-restarts) continues from its files: the
+    same command certifies only the images they lack. Used as
+
+        with CertificationJob(args.kernels, args.collective_timeout) as job:
+            for images in job.share(files, header, indices, per_image, upper):
+                for idx in images:                     # this process's images, round by round
+                    images.record(results.row(...))    # rank 0 appends each round's lines
+    """
+
+    def __init__(self, kernels_backend: str, timeout: float = COLLECTIVE_TIMEOUT):
+        self.kernels_backend, self.timeout = kernels_backend, timeout
+
+    def __enter__(self) -> "CertificationJob":
+        with contextlib.ExitStack() as stack:
+            self.stop = stack.enter_context(Interruptible(" before certifying; nothing was written"))
+            self.rank, self.world, self.device = start_processes(self.kernels_backend, self.timeout)
+            self.master = self.rank == 0
+            self.held = stack.pop_all()
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.held.close()  # the locks, then the signal handlers
+        if kind is None:
+            close_processes()
+
+    def share(self, files: list[tuple[str, dict]], header: str, indices: list[int], per_image: int,
+              upper: bool) -> list[SharedImages]:
+        """Per (TSV path, its run's configuration): the images of `indices` it still lacks, shared among the
+        processes. Rank 0 takes every file's lock and reads what is there before anything is written; a refusal (a
+        file of another configuration, a malformed line) ends every process with the same one line. per_image:
+        samples an image draws at most (upper: the ETA is an upper bound)."""
+        opened = []
+
+        def read_all() -> list[set[int]]:
+            for path, config in files:
+                self.held.enter_context(results.lock_results(path))
+                opened.append(results.Results(path, config, header))
+            return [f.done for f in opened]
+        done = decided_by_rank0(read_all, results.ResultsError)
+        shared = []
+        for k, (path, _) in enumerate(files):
+            todo = [i for i in indices if i not in done[k]]
+            progress = SampleProgress(len(indices) - len(todo), len(indices), len(todo), per_image, self.world, upper,
+                                      self.master)
+            shared.append(SharedImages(path, todo, opened[k].append if opened else None, progress, self))
+        return shared

@@ -21,10 +21,10 @@ unset takes that recipe's value, and the resolved configuration is printed at st
     torchrun --standalone --nproc_per_node=8 -- pretrain.py --preset B         # one node, 8 GPUs
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 \\
         --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 -- pretrain.py --preset B  # two nodes (node_rank=1 on the other)
-    python pretrain.py ... --resume                                          # continue out/pretrain/ckpt.pt
     python pretrain.py --dataset imagenet --data-dir IMAGENET --preset B       # ImageNet recipe
 
-Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; --resume continues bit-identically.
+Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; the same command continues bit-identically
+(a requeued job, torchrun --max-restarts: docs/clusters.md).
 """
 import argparse
 import math
@@ -111,14 +111,14 @@ def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[to
 
 
 def backward_micro_batches(online: OnlinePasses, query: list | None, views: list | None, h_key, keys, micro: int,
-                           precision, check: Callable) -> tuple[torch.Tensor, torch.Tensor]:
+                           autocast, check: Callable) -> tuple[torch.Tensor, torch.Tensor]:
     """The step's losses, and their gradients in the model's .grad, `micro` images at a time: exact (GradCache, Gao et
     al. 2021). The keys carry no gradient and each query's loss depends on its own row, so: the encoder outputs
     without gradient, micro-batch by micro-batch; the projector, its BatchNorm and both losses on the whole batch with
     gradient w.r.t. those outputs; then each micro-batch encoded again with gradient and handed its rows of the
     outputs' gradient. The whole batch's gradients at one micro-batch's memory, for one more encoder forward."""
     model = online.model
-    with precision:
+    with autocast:
         h_query = encode(model, query, micro).requires_grad_() if query else None
         h_views = encode(model, views, micro).requires_grad_() if views else None
         loss_cons, loss_ctr = losses(model, h_query, h_views, h_key, keys, online.tau)
@@ -128,7 +128,7 @@ def backward_micro_batches(online: OnlinePasses, query: list | None, views: list
         rows = 0
         for v, t, e in part or ():
             for k in range(0, len(v), micro):
-                with precision:
+                with autocast:
                     out = model.features(*noisy([(v[k:k + micro], t if isinstance(t, float) else t[k:k + micro], e[k:k + micro])]))
                 out.backward(h.grad[rows:rows + len(out)])
                 rows += len(out)

@@ -1,10 +1,15 @@
 """The training loop's skeleton, shared by pretrain.py and finetune.py: the run around a loop whose body is the
-method. Processes, precision and kernels (jobs.py); resume from <out>/ckpt.pt; the memory check that picks
+method. Processes, precision and kernels (jobs.py); continuing from <out>/ckpt.pt; the memory check that picks
 micro-batches before the first step; log lines with the global batch's losses, throughput and ETA; checkpoints
-every --save-every steps, at the end and on SIGINT/SIGTERM (finish the step, save, exit: --resume continues
-bit-identically); and the warm-up + cosine learning-rate schedule both trainers follow.
+every --save-every steps and --save-minutes minutes, at the end and on SIGINT/SIGTERM (finish the step, save,
+exit); and the warm-up + cosine learning-rate schedule both trainers follow.
+
+One command line serves every launch: the first, a requeue after preemption, torchrun's restart after a lost
+process or node. With --resume auto (the default) a run starts fresh when --out holds no ckpt.pt and continues,
+bit-identically, when it holds one of the same run-defining settings; another run's checkpoint is refused.
 """
 import argparse
+import datetime
 import math
 import os
 import signal
@@ -17,19 +22,29 @@ import torch
 import torch.distributed as dist
 
 import kernels
-from jobs import (STOP_SIGNALS, UsageError, add_device_flags, at_least, autocast, clock, close_processes, distributed,
-                  load_checkpoint, peak_bf16_flops, resolve_precision, run_log, save_checkpoint, start_processes)
+from jobs import (STOP_SIGNALS, RunError, UsageError, add_device_flags, at_least, autocast, clock, close_processes,
+                  decided_by_rank0, distributed, gather_objects, load_checkpoint, lost_process, non_negative,
+                  peak_bf16_flops, run_log, save_checkpoint, start_processes)
 from model import SIGMA_MIN, ViT, ViTConfig
+
+
+RESUME = ("auto", "never", "must")
 
 
 def add_run_flags(g, save_every: int, save_when: str) -> None:
     """The flags both trainers share: seed and shards, logging, checkpoints, compilation, kernels, precision."""
     g.add_argument("--seed", type=int, default=0, help="all randomness of step k is derived from (seed, k, shard)")
-    g.add_argument("--shards", type=at_least(1), default=None, help="independent random streams per step (unset: the "
-                   "number of processes); runs with equal --shards agree whatever the number of processes dividing it")
+    g.add_argument("--shards", type=at_least(1), default=int(os.environ.get("WORLD_SIZE", 1)), help="independent "
+                   "random streams per step, by default the number of processes; runs with equal --shards agree "
+                   "whatever the number of processes dividing it (give it when that number may change: torchrun "
+                   "--nnodes=MIN:MAX)")
     g.add_argument("--log-every", type=at_least(1), default=50, help="steps between log lines (also step 1 and the last)")
     g.add_argument("--save-every", type=at_least(1), default=save_every, help=f"steps between checkpoints ({save_when})")
-    g.add_argument("--resume", action="store_true", help="continue from <out>/ckpt.pt")
+    g.add_argument("--save-minutes", type=non_negative, default=30.0, help="also a checkpoint at the first step that "
+                   "ends this many minutes after the last one (0: only --save-every)")
+    g.add_argument("--resume", choices=RESUME, nargs="?", const="must", default="auto", help="<out>/ckpt.pt: auto "
+                   "continues it when it is there (and refuses one of other settings), else starts fresh; never "
+                   "refuses to start where one is; must (also --resume alone) refuses to start without one")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the transformer blocks (ViT.compile_blocks)")
     add_device_flags(g)
 
@@ -44,21 +59,46 @@ def check_out_dir(out: str) -> None:
         raise UsageError(f"--out {out} is not writable")
 
 
-def resume_checkpoint(out_dir: str, kind: str, resume: bool, config: dict, run_keys: tuple) -> dict | None:
-    """The checkpoint to continue from, or None for a fresh run. Refuses to overwrite an existing run
-    without --resume, and to resume one whose run-defining settings (`run_keys`) differ from `config`."""
+def resume_checkpoint(out_dir: str, kind: str, resume: str, config: dict, run_keys: tuple) -> dict | None:
+    """The checkpoint to continue from, or None for a fresh run, as --resume (auto, never, must) says. Refuses one
+    whose run-defining settings (`run_keys`) differ from `config`, and one that cannot be read. Rank 0 decides and
+    every process loads the same file (--out must be on storage every node sees)."""
     path = os.path.join(out_dir, "ckpt.pt")
-    if not resume:
-        if os.path.exists(path):
-            raise UsageError(f"{path} exists; pass --resume to continue that run or choose another --out")
+    loaded = {}
+
+    def decide() -> int | None:
+        if not os.path.exists(path):
+            if resume == "must":
+                raise UsageError(f"--resume must, but {path} does not exist")
+            return None
+        if resume == "never":
+            raise UsageError(f"{path} exists and --resume is never: choose another --out, or move it away")
+        try:
+            checkpoint = load_checkpoint(path, kind)
+        except UsageError as e:
+            raise UsageError(f"{e}: move it away to start this run afresh") from None
+        changed = [k for k in run_keys if checkpoint["config"].get(k) != config[k]]
+        if changed:
+            hint = " (--shards defaults to the number of processes: give the run's)" if changed == ["shards"] else ""
+            raise UsageError(f"{path} was made with different {', '.join('--' + k.replace('_', '-') for k in changed)}"
+                             f"{hint}; choose another --out")
+        loaded["checkpoint"] = checkpoint
+        return checkpoint["step"]
+    step = decided_by_rank0(decide)
+    if step is None:
         return None
-    if not os.path.exists(path):
-        raise UsageError(f"--resume given but {path} does not exist")
-    checkpoint = load_checkpoint(path, kind)
-    changed = [k for k in run_keys if checkpoint["config"].get(k) != config[k]]
-    if changed:
-        raise UsageError(f"{path} was made with different {', '.join('--' + k.replace('_', '-') for k in changed)}")
-    return checkpoint
+    problem = None
+    if "checkpoint" not in loaded:  # the other processes read the file rank 0 chose
+        try:
+            loaded["checkpoint"] = load_checkpoint(path, kind)
+            if loaded["checkpoint"]["step"] != step:
+                problem = f"{path} holds step {loaded['checkpoint']['step']} here but step {step} on rank 0"
+        except UsageError as e:
+            problem = str(e)
+    problems = [p for p in gather_objects(problem) if p is not None]
+    if problems:
+        raise UsageError(f"{problems[0]}: --out must be on storage that every node shares")
+    return loaded["checkpoint"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -86,13 +126,13 @@ class StepProgress:
         return f"{self.rate:.1f} img/s{wait} | elapsed {clock(now - self.start)} | ETA {clock(per_step * (self.total - step))}"
 
 
-def forward_seconds_per_image(model: ViT, x: torch.Tensor, t: float, precision) -> float:
+def forward_seconds_per_image(model: ViT, x: torch.Tensor, t: float, autocast) -> float:
     """Seconds of one no-grad forward per image of x (timed after a warm-up call): the first guess of a step's
     time that lets a slow run (preset B on a CPU) say how long it will take before its first step ends. A
     backward costs about two forwards. Timing one image keeps the guess cheap where the forward is slow and
     errs long (bench/README.md)."""
     # Eager, compiled blocks included: compiling a graph for this shape would cost more than the guess saves.
-    with torch.no_grad(), precision, torch.compiler.set_stance("force_eager"):
+    with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"):
         model.features(x, t)
         start = time.time()
         model.features(x, t)
@@ -101,12 +141,16 @@ def forward_seconds_per_image(model: ViT, x: torch.Tensor, t: float, precision) 
 
 class StopSignal:
     """Records SIGINT/SIGTERM instead of dying mid-step, while the training loop runs inside `with`; the
-    previous handlers come back afterwards. `requested()` is called once per step and is collective under
+    previous handlers come back afterwards. `agree()` is called once per step and is collective under
     torchrun, so every rank stops after the same step (one rank leaving early would hang the others'
     all-reduces). The first signal says at once what will happen; a second one exits at once, keeping the
     last checkpoint on disk (written atomically, so never torn)."""
 
     SIGNALS = STOP_SIGNALS
+    WAIT = 10.0  # seconds a signalled process waits for the others' agreement: a scheduler's grace ends soon after
+
+    def __init__(self, timeout: float = WAIT):
+        self.wait = min(self.WAIT, timeout)  # the collective timeout, if shorter, fails the wait first
 
     def __enter__(self) -> "StopSignal":
         self.signum = 0
@@ -138,19 +182,32 @@ class StopSignal:
                   f"checkpoint on disk is intact", file=sys.stderr, flush=True)
         os._exit(128 + signum)  # no clean-up that could block (a collective waiting for another rank)
 
-    def requested(self, device: torch.device) -> bool:
+    def agree(self, device: torch.device, save: bool) -> tuple[bool, bool]:
+        """(stop, save) alike on every rank: stop if any rank was signalled, save if rank 0 says so (its clock
+        decides --save-minutes). One all-reduce, which a signalled rank waits for at most `wait` seconds: then it
+        is a RunError, as a lost process is."""
         now = time.time()
         self.step_seconds, self.last_call = now - self.last_call, now
-        if distributed():
-            flag = torch.tensor([self.signum], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            self.signum = int(flag.item())
-        return self.signum != 0
+        if not distributed():
+            return self.signum != 0, save
+        flags = torch.tensor([self.signum, int(save)], device=device)
+        work = dist.all_reduce(flags, op=dist.ReduceOp.MAX, async_op=True)
+        if self.signum == 0:
+            work.wait()
+        else:
+            try:
+                work.wait(timeout=datetime.timedelta(seconds=self.wait))
+            except RuntimeError:
+                raise RunError(f"stopped by {signal.Signals(self.signum).name}, and the other processes did not "
+                               f"answer within {self.wait:g} s") from None
+        self.signum = int(flags[0].item())
+        return self.signum != 0, bool(flags[1].item())
 
     def exit(self, script: str, step: int, path: str) -> None:
         name = signal.Signals(self.signum).name if self.signum > 0 else "a signal"
-        print(f"{script}: stopped by {name} after step {step}; checkpoint {path} saved, continue with --resume",
-              file=sys.stderr, flush=True)
+        if self.speaks:
+            print(f"{script}: stopped by {name} after step {step}; checkpoint {path} saved, run the same command to "
+                  f"continue", file=sys.stderr, flush=True)
         close_processes()
         sys.exit(128 + max(self.signum, 1))
 
@@ -159,8 +216,8 @@ class StopSignal:
 # Memory: micro-batches that fit the device, or one line that says what to change
 
 # Bytes a ViT keeps for its backward, per image, token, unit of width and block, for one encoder pass with
-# gradient: measured on a CPU (bench/README.md, "Micro-batching"; rRCM-S and B: 42 and 37 in bf16, 76 and 74 in
-# fp32), rounded up, so an estimate errs on the safe side.
+# gradient: rounded up from what rRCM-S and B keep (bench/README.md, "Micro-batching"), so an estimate errs on the
+# safe side.
 ACTIVATION_BYTES = {"bf16": 44, "fp32": 80}
 
 
@@ -200,11 +257,12 @@ def warmup_cosine(k: int, total: int, warmup: int, peak: float) -> float:
 
 
 class Trainer:
-    """The run around a training loop: processes, precision and kernels; resume; the log; checkpoints every
-    --save-every steps, at the end and on SIGINT/SIGTERM; the estimate of the run's time. A stage uses it as
+    """The run around a training loop: processes, precision and kernels; continuing from a checkpoint; the log;
+    checkpoints every --save-every steps and --save-minutes, at the end and on SIGINT/SIGTERM; the estimate of the
+    run's time. A stage uses it as
 
         run = Trainer(args, "pretrain", RUN_KEYS)              # kernels, processes, precision, --shards checked
-        step = run.resume(model=model, optimizer=opt)          # what a checkpoint holds; loaded under --resume
+        step = run.resume(model=model, optimizer=opt)          # what a checkpoint holds; loaded if --out has one
         run.start(model, sample, step, total, forwards_per_image)
         for step in run.steps(step, total):                   # saves and stops between steps
             ... one optimizer step ...
@@ -214,11 +272,10 @@ class Trainer:
 
     def __init__(self, args: argparse.Namespace, kind: str, run_keys: tuple):
         self.args, self.kind, self.run_keys, self.script = args, kind, run_keys, f"{kind}.py"
-        self.rank, self.world, self.device = start_processes(args.kernels)
+        self.rank, self.world, self.device = start_processes(args.kernels, args.collective_timeout)
         self.master = self.rank == 0
-        args.precision = resolve_precision(args.precision, self.device)
-        self.autocast = autocast(self.device, args.precision)
-        args.shards = args.shards or self.world
+        self.precision = args.precision  # "bf16" or "fp32": the flags resolve auto as they are parsed
+        self.autocast = autocast(self.device, self.precision)
         if args.shards % self.world or args.batch % args.shards:
             raise UsageError(f"--shards {args.shards} must be a multiple of the {self.world} process(es) and divide "
                              f"--batch {args.batch}")
@@ -226,8 +283,8 @@ class Trainer:
         self.state: dict = {}
 
     def resume(self, **state) -> int:
-        """Name what a checkpoint holds (`model=`, `target=`, `optimizer=`: anything with a state_dict) and, under
-        --resume, load it from <out>/ckpt.pt. Returns the step to start at."""
+        """Name what a checkpoint holds (`model=`, `target=`, `optimizer=`: anything with a state_dict) and load it
+        from <out>/ckpt.pt where --resume says so. Returns the step to start at."""
         check_out_dir(self.args.out)
         self.state = state
         checkpoint = resume_checkpoint(self.args.out, self.kind, self.args.resume, vars(self.args), self.run_keys)
@@ -245,7 +302,7 @@ class Trainer:
         whose activations coexist in a whole-share step; input_bytes: the step's inputs per image."""
         share = self.args.batch // self.world
         params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        per_image = activation_bytes(model.cfg, self.args.precision)
+        per_image = activation_bytes(model.cfg, self.precision)
         tokens = 2 + (model.cfg.img_size // model.cfg.patch_size) ** 2
         # gradients and AdamW's two moments (fp32, allocated at the first step), the inputs, and a forward without
         # gradient over the share (the keys), which holds a few fp32 activations of each image at a time
@@ -302,12 +359,12 @@ class Trainer:
         self.flops_per_image = forwards_per_image * model.cfg.flops_per_image()
         self.peak = peak_bf16_flops() if self.device.type == "cuda" else None
         self.log_line(f"{self.script} | {model.num_params() / 1e6:.2f}M parameters | {self.world} process(es) on "
-                 f"{self.device.type} | precision {self.args.precision} | kernels {kernels.backend()}{about} | "
+                 f"{self.device.type} | precision {self.precision} | kernels {kernels.backend()}{about} | "
                  f"config: {vars(self.args)}")
         if getattr(self, "memory", None):
             self.log_line(self.memory)
         if first:
-            self.log_line(f"resuming {self.path} at step {first}")
+            self.log_line(f"resuming {self.path} at step {first}" + (": the run is complete" if first >= total else ""))
         if self.device.type == "cpu":
             per_step = (forward_seconds_per_image(model, sample, SIGMA_MIN, self.autocast) * forwards_per_image
                         * self.args.batch / self.world)
@@ -315,18 +372,29 @@ class Trainer:
                      f"for the {total - first} steps to go")
 
     def steps(self, first: int, total: int, save_also: Callable[[int], bool] = lambda done: False, data=None) -> Iterator[int]:
-        """Steps first .. total - 1. After each: a checkpoint every --save-every steps, at the last, and where
-        `save_also(steps done)`; otherwise a SIGINT/SIGTERM received during it saves and exits. With `data` (an
-        ImageNet Images) the log says how long each step waited for it."""
-        with StopSignal() as stop:
+        """Steps first .. total - 1. After each: a checkpoint every --save-every steps, at the first step ending
+        --save-minutes after the last save, at the last step, and where `save_also(steps done)`; a SIGINT/SIGTERM
+        received during a step saves and exits after it. With `data` (an ImageNet Images) the log says how long each
+        step waited for it."""
+        with StopSignal(self.args.collective_timeout) as stop:
             self.progress = StepProgress(first, total, self.args.batch, data if getattr(data, "dataset", "") == "imagenet" else None)
+            last_save = time.time()
             for step in range(first, total):
                 yield step
                 done = step + 1
-                if done % self.args.save_every == 0 or done == total or save_also(done):
+                late = self.master and 0 < self.args.save_minutes * 60 <= time.time() - last_save
+                try:
+                    stopping, late = stop.agree(self.device, late)
+                except RuntimeError as e:  # the others are gone, yet this rank's state after the step is whole
+                    reason = str(e) if isinstance(e, RunError) else lost_process(e)
+                    if reason is None:
+                        raise
                     self.save(done)
-                elif stop.requested(self.device):
+                    raise RunError(reason + (f"; checkpoint {self.path} saved at step {done}" if self.master else "")) from None
+                if late or stopping or done % self.args.save_every == 0 or done == total or save_also(done):
                     self.save(done)
+                    last_save = time.time()
+                if stopping and done < total:
                     stop.exit(self.script, done, self.path)
         close_processes()
 

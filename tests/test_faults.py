@@ -121,7 +121,7 @@ def test_a_signal_saves_a_checkpoint_and_resume_is_bit_identical(script, signum,
     assert f"stopped by {name} after step" in lines[1], err
     stopped = load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"), kind)
     assert 1 <= stopped["step"] < total and f"after step {stopped['step']};" in lines[1]
-    main([*argv, "--out", str(tmp_path / "cut"), "--resume"])  # in this process: what is tested is the checkpoint
+    main([*argv, "--out", str(tmp_path / "cut")])  # the same command, in this process: what is tested is the checkpoint
     assert f"resuming {tmp_path / 'cut'}/ckpt.pt at step {stopped['step']}" in capsys.readouterr().out
     main([*argv, "--out", str(tmp_path / "full")])  # the uninterrupted run
     full, cut = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), kind) for d in ("full", "cut"))
@@ -179,7 +179,7 @@ def test_resumed_finetuning_matches_an_uninterrupted_run(cifar_dir, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         finetune.main(finetune_args(cifar_dir, tmp_path / "cut", "--save-every", "1"))
     monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
-    finetune.main(finetune_args(cifar_dir, tmp_path / "cut", "--save-every", "1", "--resume"))
+    finetune.main(finetune_args(cifar_dir, tmp_path / "cut", "--save-every", "1"))  # the same command
     resumed = load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"), "finetune")
     assert resumed["step"] == full["step"] == 3
     assert all(torch.equal(full["model"][k], resumed["model"][k]) for k in full["model"])
@@ -189,7 +189,7 @@ def test_resume_with_another_preset_is_refused(cifar_dir, tmp_path):
     pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path), "--steps", "1", "--preset", "tiny", "--batch", "20", *FAST])
     before = (tmp_path / "ckpt.pt").read_bytes()
     said = refusal("pretrain.py", ["--data-dir", cifar_dir, "--out", str(tmp_path), "--steps", "1", "--preset", "S",
-                                   "--batch", "20", "--resume", *FAST])
+                                   "--batch", "20", *FAST])
     assert "made with different --preset" in said, said
     assert (tmp_path / "ckpt.pt").read_bytes() == before
 
@@ -269,7 +269,7 @@ def test_resume_with_other_data_is_refused(cifar_dir, tmp_path):
     pretrain.main(["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", "--preset", "tiny", "--batch", "20", *FAST])
     before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
     said = refusal("pretrain.py", ["--data-dir", str(other), "--out", str(tmp_path / "pre"), "--steps", "1", "--preset", "tiny",
-                                   "--batch", "20", "--resume", *FAST])
+                                   "--batch", "20", *FAST])
     assert "made with different --data-dir" in said, said
     assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
 

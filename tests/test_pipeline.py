@@ -82,7 +82,7 @@ def test_resumed_pretraining_matches_an_uninterrupted_run(cifar_dir, tmp_path, m
         run_pretrain(cifar_dir, tmp_path / "cut", steps=4, extra=("--save-every", "2"))
     monkeypatch.setattr(pretrain, "update_target", real_update)
     assert load_checkpoint(str(tmp_path / "cut" / "ckpt.pt"), "pretrain")["step"] == 2
-    resumed = run_pretrain(cifar_dir, tmp_path / "cut", steps=4, extra=("--save-every", "2", "--resume"))
+    resumed = run_pretrain(cifar_dir, tmp_path / "cut", steps=4, extra=("--save-every", "2"))  # the same command
     assert resumed["step"] == 4
     assert same_weights(full["model"], resumed["model"]) and same_weights(full["target"], resumed["target"])
 
@@ -118,12 +118,20 @@ def test_certify_refuses_a_pretrain_checkpoint(cifar_dir, tmp_path):
     assert "pretrain checkpoint, but a finetune checkpoint is needed" in said, said
 
 
-def test_pretrain_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
+def test_resume_never_refuses_to_overwrite_a_run_and_must_refuses_to_start_one(cifar_dir, tmp_path, capsys):
+    """--resume never: a fresh run or none; --resume must (or --resume alone): a continued run or none; the default
+    continues a finished run to its end, which is where it is: nothing is written."""
     run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
     before = (tmp_path / "pre" / "ckpt.pt").read_bytes()
-    said = refusal("pretrain.py", ["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY])
-    assert "pass --resume" in said, said
+    argv = ["--data-dir", cifar_dir, "--out", str(tmp_path / "pre"), "--steps", "1", *TINY]
+    said = refusal("pretrain.py", [*argv, "--resume", "never"])
+    assert said == f"pretrain.py: error: {tmp_path / 'pre' / 'ckpt.pt'} exists and --resume is never: choose another --out, or move it away"
+    run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
+    assert f"resuming {tmp_path / 'pre' / 'ckpt.pt'} at step 1: the run is complete" in capsys.readouterr().out
     assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
+    for must in (["--resume", "must"], ["--resume"]):
+        said = refusal("pretrain.py", [*argv[:3], str(tmp_path / "new"), *argv[4:], *must])
+        assert said == f"pretrain.py: error: --resume must, but {tmp_path / 'new' / 'ckpt.pt'} does not exist", said
 
 
 @pytest.mark.parametrize("script", ["pretrain", "finetune", "certify", "linear_probe"])
