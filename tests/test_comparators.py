@@ -280,7 +280,7 @@ import torch
 import torch.distributed as dist
 import finetune, jobs, trainer
 first = jobs.init_distributed
-jobs.init_distributed = lambda: (dist.get_rank(), dist.get_world_size(), torch.device("cpu")) if dist.is_initialized() else first()
+jobs.init_distributed = lambda *a: (dist.get_rank(), dist.get_world_size(), torch.device("cpu")) if dist.is_initialized() else first(*a)
 trainer.close_processes = dist.barrier
 for argv in {runs!r}:
     finetune.main(argv)
