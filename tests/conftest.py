@@ -112,3 +112,7 @@ def update_difference(a: dict, b: dict, start: dict) -> float:
     diff = torch.cat([(a[k].float() - b[k].float()).flatten() for k in start])
     update = torch.cat([(b[k].float() - start[k].float()).flatten() for k in start])
     return (diff.norm() / update.norm()).item()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "quick: the fast tier")
