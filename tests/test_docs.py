@@ -40,8 +40,8 @@ IDENTIFIER = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
 # Reading the docs
 
 def spans(text: str) -> list[str]:
-    """Backticked inline spans outside fenced code blocks."""
-    return re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    """Backticked inline spans outside fenced code blocks (a span may wrap onto the next line)."""
+    return [" ".join(m.split()) for m in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
 
 
 def blocks(text: str) -> list[str]:
@@ -236,11 +236,11 @@ def flag_citations(text: str) -> list[tuple[tuple[str, ...], str, str]]:
         for line in body.replace("\\\n", " ").splitlines():
             out += [((script,), f, line.strip()) for script, f in command_flags(line)]
     for block in blocks(text):
-        for s in re.findall(r"`([^`\n]+)`", block):
+        for s in spans(block):
             if re.search(r"\.py\b", s):
                 out += [((script,), f, s) for script, f in command_flags(s)]
-            elif f := flag(s):
-                out.append((tuple(all_scripts()) + ("torchrun",), f, block.strip()[:120]))
+            elif flag(s):
+                out += [(tuple(all_scripts()) + ("torchrun",), f, s) for w in s.split() if (f := flag(w))]
     return out
 
 
