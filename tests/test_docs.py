@@ -14,16 +14,14 @@ What counts as a citation (so that a doc writer knows what is checked):
     alone must be an option of one of the project's scripts or of torchrun.
 Table cells under a header naming the authors' logs or released code are not checked: they cite the authors'
 files and flags. A file of another project is cited by a link to it, not in backticks.
-Parsers are read without running a script's job: the script is run as __main__ with parsing stopped at its first
-parse_args call. Names are read with ast, without importing the modules.
+Parsers are read without running a script's job: each script is run as __main__, in one separate process, with
+parsing stopped at its first parse_args call. Names are read with ast, without importing the modules.
 """
-import argparse
 import ast
 import functools
-import math
-import os
+import json
 import re
-import runpy
+import subprocess
 import sys
 from pathlib import Path
 
@@ -177,33 +175,46 @@ def module_citations(text: str) -> list[str]:
             and s.split(".")[-1] not in FILE_EXTENSIONS]
 
 
-@functools.cache
-def options(script: str) -> frozenset[str]:
-    """The option strings of a script's parser ("torchrun": torch.distributed.run's), read by running the script as
-    __main__ with `--help` up to its first parse_args call, where it stops."""
-    if script == "torchrun":
-        from torch.distributed.run import get_args_parser
-        return frozenset(o for a in get_args_parser()._actions for o in a.option_strings)
+# Run in a process of its own: a script may change its process as it starts (bench/compile_report.py unsets
+# TRITON_INTERPRET before triton is imported), which must not reach the tests that run after this one.
+READ_PARSERS = r"""
+import argparse, json, runpy, sys
+from torch.distributed.run import get_args_parser
 
-    class Parsed(Exception):
-        pass
+class Parsed(Exception):
+    pass
 
-    def stop(parser, *args, **kwargs):
-        raise Parsed(parser)
-    # a script may set environment variables as it starts (bench/compile_report.py unsets TRITON_INTERPRET):
-    # everything it changes is put back, so that the tests after this one run as before it
-    argv, path, environ, parse = sys.argv, list(sys.path), dict(os.environ), argparse.ArgumentParser.parse_known_args
-    sys.argv, sys.path[:0] = [script, "--help"], [str((ROOT / script).parent)]
-    argparse.ArgumentParser.parse_known_args = stop
+def stop(parser, *args, **kwargs):
+    raise Parsed(parser)
+
+found = {"torchrun": [o for a in get_args_parser()._actions for o in a.option_strings]}
+argparse.ArgumentParser.parse_known_args = stop
+for path in sys.argv[1:]:
+    sys.argv, sys.path[:0] = [path, "--help"], [path.rsplit("/", 1)[0]]
     try:
-        runpy.run_path(str(ROOT / script), run_name="__main__")
+        runpy.run_path(path, run_name="__main__")
     except Parsed as parsed:
-        return frozenset(o for a in parsed.args[0]._actions for o in a.option_strings)
-    finally:
-        sys.argv, sys.path[:], argparse.ArgumentParser.parse_known_args = argv, path, parse
-        os.environ.clear()
-        os.environ.update(environ)
-    raise AssertionError(f"{script} ran to the end without parsing its flags")
+        found[path] = [o for a in parsed.args[0]._actions for o in a.option_strings]
+print(json.dumps(found))
+"""
+
+
+@functools.cache
+def parsers() -> dict[str, frozenset[str]]:
+    """Each script's option strings (and torchrun's), read by running the script as __main__ with `--help` up to
+    its first parse_args call, where it stops: none of them starts its job."""
+    scripts = all_scripts()
+    done = subprocess.run([sys.executable, "-c", READ_PARSERS, *(str(ROOT / s) for s in scripts)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.splitlines()[-1])
+    missing = [s for s in scripts if str(ROOT / s) not in found]
+    assert not missing, f"{missing} ran to the end without parsing their flags"
+    return {"torchrun": frozenset(found["torchrun"])} | {s: frozenset(found[str(ROOT / s)]) for s in scripts}
+
+
+def options(script: str) -> frozenset[str]:
+    return parsers()[script]
 
 
 def flag(token: str) -> str | None:
@@ -360,7 +371,6 @@ def test_the_readme_library_example_runs_as_written():
     assert prediction == 3 and 0.5 <= radius < expected and scope["samples"] < n
 
 
-@pytest.mark.quick
 def test_the_checks_catch_stale_names():
     """The checks fail on what they must: a renamed class, a function moved to another module, an ambiguous bare
     name (the reading order's three faults at 5e78e48), a flag a script does not have, inline and in a command;
