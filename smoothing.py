@@ -277,9 +277,9 @@ def stream_seed(seed: int, key: int, phase: int, chunk):
     - within an input they are distinct for every (phase, chunk), since 2 chunk + phase < 2^32 and mix32 and the
       shift by b are bijections: no sample of an input is ever counted twice, in either phase;
     - two inputs share a stream only where mix32(v) - mix32(w) = b2 - b1: at scattered single chunks, at the
-      birthday rate of random 32-bit seeds. (Before, mix32(b + 2 chunk + phase) gave inputs whose b differ by a
-      small even number runs of hundreds of shared chunks; XOR in place of + would pair each shared (v, w) with
-      a shared (w, v).)
+      birthday rate of random 32-bit seeds. b is added after the chunk number is mixed, not before: mix32(b +
+      2 chunk + phase) would give inputs whose b differ by a small even number long runs of shared chunks. It is
+      added, not XORed, since XOR would pair each shared (v, w) with a shared (w, v).
     The high 31 bits are more of the same hash, which separates the inputs' streams on CUDA too."""
     chunks = np.asarray(chunk)
     in_range = chunks.size == 0 or 0 <= chunks.min() <= chunks.max() < 2 ** 31
@@ -311,9 +311,9 @@ LAST_LOOK_SHARE = 0.99  # of alpha, spent at n; the earlier looks share the othe
 
 def default_looks(n: int) -> list[int]:
     """The looks 100, 200, 400, 800, ... (doubling) below n, then n (n = 100,000: eleven looks, the last two
-    51,200 and 100,000). Simulated on the mix of tests/test_adaptive.py (bench/README.md), looks x2 apart need
-    15.8x fewer samples than n; x10 apart 7.3x, x3 13.0x, 1-2-5 15.1x; x1.41 apart (20 looks) 18.2x, but each
-    look ends a batch early and syncs with the host, which a GPU pays for in time that sample counts hide."""
+    51,200 and 100,000). Closer looks stop images sooner, but each look ends a batch early and syncs with the
+    host, which a GPU pays for in time that sample counts hide; doubling keeps the looks few (the designs
+    compared: bench/adaptive.md)."""
     looks = []
     while CHUNK * 2 ** len(looks) < n:
         looks.append(CHUNK * 2 ** len(looks))
@@ -325,8 +325,8 @@ def split_alpha(alpha: float, looks: list[int]) -> list[float]:
     over the earlier ones. Any split that sums to alpha keeps the union-bound guarantee. The images that need
     every sample are decided by the last look, so its bound should be as close to fixed-n CERTIFY's as possible;
     the early looks only decide clear cases, where a smaller alpha_k costs little (the bound's width grows like
-    sqrt(log 1 / alpha_k)). Simulated (bench/README.md): 90 % at n saves 9 % more samples than 99 % but lets
-    10x as many table rows differ from fixed-n's (0.06 % instead of 0.007 % at sigma 0.25); 99.9 % costs 8 %."""
+    sqrt(log 1 / alpha_k)). A smaller share at n saves samples but lets more table rows differ from fixed-n
+    CERTIFY's (the shares compared: bench/adaptive.md)."""
     if len(looks) == 1:
         return [alpha]
     early = [alpha * (1 - LAST_LOOK_SHARE) / (len(looks) - 1)] * (len(looks) - 1)
@@ -383,8 +383,7 @@ class AdaptivePlan:
     def _largest_out_of_reach(self, m: int, need: int) -> int:
         # The futility level is alpha itself: how early a hopeless image stops, traded against how often the
         # optimistic continuation is wrong (then the image's row is lower than fixed-n's); it never touches
-        # the guarantee, which rests on the certifying bounds alone. Simulated: 10 alpha saves 13 % of the
-        # samples and lets 0.06 % of rows differ; alpha / 10 costs 9 % and none differ.
+        # the guarantee, which rests on the certifying bounds alone (other levels compared: bench/adaptive.md).
         reach = lambda c: c + math.ceil(upper_confidence_bound(c, m, self.alpha) * (self.n - m)) >= need
         return _smallest(reach, 0, m) - 1
 
@@ -452,9 +451,8 @@ def certify_adaptive(counts0: np.ndarray, estimate: Callable[[int], np.ndarray],
     once it certifies the largest reported radius, so its radius is cut there and the ACR is lower than
     CERTIFY's; (3) an image stopped as out of reach could have reached the next radius at n, and the last
     look's smaller alpha can drop an image just over a threshold: its table row (the largest reported radius
-    it certifies) differs from CERTIFY's on the same samples for 0.0067 / 0.0027 / 0.0035 % of the images of
-    the mix in tests/test_adaptive.py at sigma 0.25 / 0.5 / 1.0 (computed exactly by `bench/adaptive.py --exact`;
-    limit asserted there: 0.2 %), at 1/16 of the samples (bench/README.md).
+    it certifies) can differ from CERTIFY's on the same samples: for a small share of images, which
+    tests/test_adaptive.py bounds (the figures, and the samples saved: bench/README.md).
     Radii are never rounded up: the bounds are exact Clopper-Pearson."""
     if not isinstance(plan, AdaptivePlan):
         raise ValueError(f"plan must be an AdaptivePlan, got {type(plan).__name__}")
