@@ -66,13 +66,31 @@ def test_aligning_with_the_initial_point_keys_every_query_to_sigma_min():
 def test_moco_noise_gives_each_view_its_own_noise_and_times_from_the_grid():
     v1, v2, eps = torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     default = pretrain.contrastive_views(v1, v2, eps, None, [80.0, 1.0, 0.002])
-    assert [(t, e is eps) for _, t, e in default] == [(SIGMA_MIN, True), (SIGMA_MIN, True)]  # App. C: at sigma_min
+    sigma_min = torch.full((4,), SIGMA_MIN, dtype=torch.float32)  # App. C: at sigma_min, one time per image
+    assert all(torch.equal(t, sigma_min) and e is eps for _, t, e in default)
     u, e = torch.tensor([[0.0, 0.4, 0.7, 0.99], [0.5, 0.1, 0.9, 0.34]]), torch.randn(2, 4, 3, 2, 2)
     views = pretrain.contrastive_views(v1, v2, eps, (u, e), [80.0, 1.0, 0.002])
     assert views[0][1].tolist() == pytest.approx([80.0, 1.0, 0.002, 0.002]) and views[1][1].tolist() == pytest.approx([1.0, 80.0, 0.002, 1.0])
     assert torch.equal(views[0][2], e[0]) and torch.equal(views[1][2], e[1])
     x, t = pretrain.noisy(views)
-    assert torch.allclose(x[:4], v1 + views[0][1][:, None, None, None] * e[0]) and t.shape == (8,)
+    assert torch.equal(x[:4], v1 + views[0][1][:, None, None, None] * e[0]) and torch.equal(t, torch.cat([views[0][1], views[1][1]]))
+
+
+def test_positive_pairs_follow_the_objective():
+    """Each --objective keeps the views of the terms it names: consistency's query x_{t_n} and key x_{t_{n+1}} on one
+    trajectory (the same eps), contrastive's view 1 against view 2's key (both ways under --symmetric)."""
+    x0, v1, v2, eps = (torch.randn(3, 3, 2, 2) for _ in range(4))
+    for objective, consistency, contrastive in (("rrcm", 1, 1), ("consistency-only", 1, 0), ("contrastive-only", 0, 1)):
+        for symmetric in (False, True):
+            args = flags("--objective", objective, *(["--symmetric"] if symmetric else []))
+            query, key, query_views, key_views = pretrain.positive_pairs(args, x0, v1, v2, eps, None, 2.0, 1.5, [2.0, 1.5])
+            assert len(query) == len(key) == consistency and len(query_views) == len(key_views) == contrastive * (1 + symmetric)
+            if consistency:
+                (xq, tq, eq), (xk, tk, ek) = query[0], key[0]
+                assert xq is x0 and xk is x0 and eq is eps and ek is eps and tq.tolist() == [2.0] * 3 and tk.tolist() == [1.5] * 3
+            if contrastive:
+                assert query_views[0][0] is v1 and key_views[0][0] is v2
+                assert not symmetric or (query_views[1][0] is v2 and key_views[1][0] is v1)
 
 
 def test_each_objective_trains_the_terms_it_names(cifar_dir, tmp_path):
