@@ -29,6 +29,7 @@ def logged(out) -> list[str]:
     return [line for line in open(os.path.join(out, "log.txt")).read().splitlines() if line.startswith("step ")]
 
 
+@pytest.mark.quick
 def test_default_times_are_adjacent_points_of_the_curriculum_grid():
     args = flags()
     for step in (0, 1, 150, 299):
@@ -38,6 +39,7 @@ def test_default_times_are_adjacent_points_of_the_curriculum_grid():
         assert n < len(sigmas) - 1 and t_key == sigmas[n + 1]
 
 
+@pytest.mark.quick
 def test_sigma_max_1_keeps_every_time_at_most_1():
     args = flags("--sigma-max", "1")
     for step in range(0, 300, 7):
@@ -63,6 +65,7 @@ def test_aligning_with_the_initial_point_keys_every_query_to_sigma_min():
     assert "needs --align initial" in refusal("pretrain.py", ["--query-times", "0.5,1"])
 
 
+@pytest.mark.quick
 def test_moco_noise_gives_each_view_its_own_noise_and_times_from_the_grid():
     v1, v2, eps = torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     default = pretrain.contrastive_views(v1, v2, eps, None, [80.0, 1.0, 0.002])
@@ -76,6 +79,7 @@ def test_moco_noise_gives_each_view_its_own_noise_and_times_from_the_grid():
     assert torch.equal(x[:4], v1 + views[0][1][:, None, None, None] * e[0]) and torch.equal(t, torch.cat([views[0][1], views[1][1]]))
 
 
+@pytest.mark.quick
 def test_positive_pairs_follow_the_objective():
     """Each --objective keeps the views of the terms it names: consistency's query x_{t_n} and key x_{t_{n+1}} on one
     trajectory (the same eps), contrastive's view 1 against view 2's key (both ways under --symmetric)."""
