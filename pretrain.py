@@ -117,8 +117,8 @@ def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[to
     return [F.normalize(model.projector(h), dim=1) for h in encode(model, views, micro).chunk(len(views))]
 
 
-def backward(run: Trainer, net: nn.Module, query: list, views: list, h_key, keys, micro: int | None,
-             step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def losses_and_gradients(run: Trainer, net: nn.Module, query: list, views: list, h_key, keys, micro: int | None,
+                         step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The online passes: the step's (consistency, contrastive) losses, checked finite before any gradient exists,
     and their gradients in the model's .grad, from the whole batch at once or `micro` images at a time."""
     with run.autocast:
@@ -156,13 +156,13 @@ def cached_losses(online: OnlinePasses, query: list, views: list, h_key, keys, m
     return outputs, losses(online.model, h_query, h_views, h_key, keys, online.tau)
 
 
-def backward_micro_batches(model: ViT, outputs: list, micro: int, precision) -> None:
+def backward_micro_batches(model: ViT, outputs: list, micro: int, autocast) -> None:
     """The encoder's share of the gradient: each micro-batch encoded again with gradient and its output given its
     rows of the cached outputs' gradient."""
     for views, h in outputs:
         rows = 0
         for part in micro_batches(views, micro):
-            with precision:
+            with autocast:
                 out = model.features(*noisy([part]))
             out.backward(h.grad[rows:rows + len(out)])
             rows += len(out)
@@ -276,16 +276,16 @@ def main(argv=None) -> None:
     run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args, micro))
     data.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, "pretrain")  # ImageNet: decode ahead
 
-    for step in run.steps(step, args.steps, data=data):
+    for step in run.steps(step, args.steps, data=data):  # Algorithm 1
         t_n, t_key, sigmas = consistency_times(step, args)  # one n for the whole batch; t_key = t_{n+1}
         x0, v1, v2, eps, view_noise = step_inputs(data, step, args, run.rank, run.world, run.device)
         query, key, query_views, key_views = positive_pairs(args, x0, v1, v2, eps, view_noise, t_n, t_key, sigmas)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr)
         opt.zero_grad(set_to_none=True)
-        with run.autocast:  # the stop-grad keys
+        with run.autocast:  # the keys, without gradient: h(x_{t_{n+1}}) of the online model, the target's views
             h_key, keys = encode(key_model, key, micro), project(target, key_views, micro)
-        loss_cons, loss_ctr = backward(run, net, query, query_views, h_key, keys, micro, step)
+        loss_cons, loss_ctr = losses_and_gradients(run, net, query, query_views, h_key, keys, micro, step)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if step >= args.warmup else float("inf"))
         opt.step()
         rate = ema_rate(step, args.steps, args.ema_sharpness)
