@@ -196,3 +196,25 @@ def test_finetuning_in_micro_batches_gives_the_whole_batchs_step(cifar_dir, tmp_
         assert torch.allclose(s["exp_avg"], micro["optimizer"]["state"][i]["exp_avg"], rtol=1e-4, atol=1e-10), i
     lines = [open(tmp_path / d / "log.txt").read().split("step 1/1 |")[1].split("| lr")[0] for d in ("whole", "micro")]
     assert lines[0] == lines[1], lines
+
+
+@pytest.mark.quick
+def test_the_studys_arms_are_the_papers():
+    """bench/ablations.sh's arms, through its own flags(), parse to App. F's and G's settings: MoCo v3 + noise, EMA2
+    and tau (Fig. 10), T = 1 and one model per t_n aligned with the initial point, and the three together (Fig. 11)."""
+    import re
+    import subprocess
+    script = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "ablations.sh")).read()
+    arms = re.search(r'ARMS=\$\{ARMS:-"([^"]+)"\}', script).group(1).split()
+    flags_of = script[script.index("flags() {"):script.index("\n}\n", script.index("flags() {")) + 2]
+    settings = {}
+    for arm in arms:
+        argv = subprocess.run(["bash", "-c", f"{flags_of}\nflags {arm}"], capture_output=True, text=True, check=True).stdout.split()
+        a = pretrain.parse_args(["--preset", "tiny", *argv])
+        settings[arm] = (a.objective, a.consistency_ema, a.tau, a.sigma_max, a.align, a.query_times)
+    default = ("rrcm", 0.0, 0.2, SIGMA_MAX, "adjacent", None)
+    assert settings == {"rrcm": default, "moco-noise": ("moco-noise", *default[1:]),
+                        "ema2-0.99": ("rrcm", 0.99, *default[2:]), "tau-0.1": ("rrcm", 0.0, 0.1, *default[3:]),
+                        "T1": ("rrcm", 0.0, 0.2, 1.0, "adjacent", None),
+                        **{f"initial-{t}": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [float(t)]) for t in ("0.5", "1", "2")},
+                        "initial-all": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [0.5, 1.0, 2.0])}
