@@ -55,11 +55,11 @@ flags() {  # the pre-training flags of an arm
   esac
 }
 
-run() {  # run NAME command...: skipped once finished; its output to logs/NAME.log, its wall time to times.txt
+run() {  # run NAME command...: skipped once finished; its output appended to logs/NAME.log, its wall time to times.txt
   local name=$1; shift
   [ -f "$OUT/done/$name" ] && return 0
   local start=$(date +%s)
-  if ! "$@" > "$OUT/logs/$name.log" 2>&1; then
+  if ! "$@" >> "$OUT/logs/$name.log" 2>&1; then
     echo "$name failed; the end of $OUT/logs/$name.log:" >&2; tail -n 5 "$OUT/logs/$name.log" >&2; exit 1
   fi
   touch "$OUT/done/$name"
