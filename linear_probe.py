@@ -1,6 +1,7 @@
 """Linear probing of a pre-trained encoder (paper App. E, Table 6): the quickest check that pre-training
 learned trajectory-consistent representations, with RFD, the Frechet distance between the representations of
-noisy and clean points of the same trajectories (lower: more alike).
+x_{t_N} and x_{t_0}, the two ends of the same trajectories (t_N = 80, t_0 = 0.002 for every model, lower: more
+alike), and the Frechet distance of the noisy to the clean representations at each test sigma.
 
 The encoder is frozen. A linear head is trained on the representations of *clean* training images (read at
 t = sigma_min, the end of the trajectory), then evaluated on test images with pixel-space noise sigma,
@@ -15,6 +16,7 @@ linear task (which trains with augmentation, layer decay and an entropy term for
 """
 import argparse
 import math
+import os
 import time
 
 import torch
@@ -105,15 +107,19 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy.linalg import sqrtm
     a, b = a.double().cpu().numpy(), b.double().cpu().numpy()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    s_a, s_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))  # [d, d], d = 1 too
     root = sqrtm(s_a @ s_b).real  # the imaginary part is rounding
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(s_a + s_b - 2 * root))
 
 
-def probe(path: str, args, device: torch.device) -> tuple[list[float], list[float]]:
-    """(accuracy % at each --sigmas, RFD to the clean representations at each positive sigma and at the trajectory's
-    end T) of one checkpoint. The noisy test images of every sigma share their noise, so they are points of the
-    same trajectories x + t eps; T is the checkpoint's --sigma-max (80 unless an ablation changed it)."""
+RFD_TIMES = (SIGMA_MAX, SIGMA_MIN)  # App. E: x_{t_N} against x_{t_0}, the final grid's ends, the same for every model
+
+
+def probe(path: str, args, device: torch.device) -> tuple[list[float], float, list[float]]:
+    """(accuracy % at each --sigmas, RFD, the Frechet distance of the noisy to the clean representations at each
+    positive sigma) of one checkpoint. The noisy test images of every sigma share their noise, so they are points
+    of the same trajectories x + t eps; RFD is App. E's, between x_{t_N} and x_{t_0} (RFD_TIMES) of those
+    trajectories, whatever T the checkpoint trained with."""
     ckpt = load_checkpoint(path, "pretrain")
     model = model_from_checkpoint(ckpt).to(device).eval()
     dataset = ckpt["config"]["dataset"]
@@ -127,15 +133,16 @@ def probe(path: str, args, device: torch.device) -> tuple[list[float], list[floa
     start = time.time()
     head = train_head(feats, labels, model.cfg.num_classes, args.epochs, args.batch, args.lr, args.seed)
     print(f"head trained: {args.epochs} epochs in {clock(time.time() - start)}", flush=True)
-    end = ckpt["config"].get("sigma_max", SIGMA_MAX) * NORM_STD  # T in pixel space: t = 2 sigma
+    t_N, t_0 = (t * NORM_STD for t in RFD_TIMES)  # as pixel-space sigmas: t = 2 sigma
     encoded = {}
     with torch.no_grad():
-        for sigma in sorted({0.0, *args.sigmas, end}):
+        for sigma in sorted({0.0, *args.sigmas, t_0, t_N}):
             encoded[sigma] = representations(model, test, args.test_images, sigma, args.seed, args.batch, norm,
                                              f"test images, sigma {sigma:g}")
     accuracies = [(head(encoded[s][0]).argmax(1) == encoded[s][1]).float().mean().item() * 100 for s in args.sigmas]
-    rfd = [frechet_distance(encoded[s][0], encoded[0.0][0]) for s in [*sorted(s for s in args.sigmas if s > 0), end]]
-    return accuracies, rfd
+    rfd = frechet_distance(encoded[t_N][0], encoded[t_0][0])
+    to_clean = [frechet_distance(encoded[s][0], encoded[0.0][0]) for s in sorted(s for s in args.sigmas if s > 0)]
+    return accuracies, rfd, to_clean
 
 
 def main(argv=None) -> None:
@@ -144,12 +151,15 @@ def main(argv=None) -> None:
     rows = [(path, *probe(path, args, device)) for path in args.checkpoint]
     noisy = sorted(s for s in args.sigmas if s > 0)
     width = max(len(p) for p in args.checkpoint)
-    print(f"{'':{width}}  accuracy (%) at sigma{' ' * max(0, 7 * len(args.sigmas) - 21)}  RFD to the clean representations at sigma")
-    print(f"{'checkpoint':{width}}  " + " ".join(f"{s:6.2f}" for s in args.sigmas) + "  "
-          + " ".join(f"{s:8.2f}" for s in noisy) + "  trajectory end T")
-    for path, accuracies, rfd in rows:
-        print(f"{path:{width}}  " + " ".join(f"{a:6.1f}" for a in accuracies) + "  " + " ".join(f"{d:8.3f}" for d in rfd[:-1])
-              + f"  {rfd[-1]:8.3f}")
+    print(f"{'':{width}}  accuracy (%) at sigma{' ' * max(0, 7 * len(args.sigmas) - 21)}  RFD       "
+          "noisy to clean at sigma")
+    print(f"{'checkpoint':{width}}  " + " ".join(f"{s:6.2f}" for s in args.sigmas) + "  t_N, t_0  "
+          + " ".join(f"{s:8.2f}" for s in noisy))
+    for path, accuracies, rfd, to_clean in rows:
+        print(f"{path:{width}}  " + " ".join(f"{a:6.1f}" for a in accuracies) + f"  {rfd:8.3f}  "
+              + " ".join(f"{d:8.3f}" for d in to_clean))
+    print(f"RFD: App. E's Frechet distance between the representations of x_{{t_N}} and x_{{t_0}} of the same test "
+          f"trajectories, t_N = {RFD_TIMES[0]:g}, t_0 = {RFD_TIMES[1]:g} (model space) for every checkpoint")
     if args.plot:
         plot(rows, args.sigmas, args.plot)
         print(f"wrote {args.plot}")
@@ -163,8 +173,9 @@ def plot(rows: list, sigmas: list[float], path: str) -> None:
     except ImportError:
         raise jobs.UsageError("--plot needs matplotlib (pip install matplotlib)") from None
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, accuracies, _ in rows:
-        ax.plot(sigmas, accuracies, marker="o", label=name)
+    for name, accuracies, rfd, _ in rows:
+        label = os.path.basename(os.path.dirname(os.path.abspath(name)))  # the run's folder: out/<arm>/ckpt.pt
+        ax.plot(sigmas, accuracies, marker="o", label=f"{label} (RFD {rfd:.1f})")
     ax.set(xlabel="test noise sigma (pixel space)", ylabel="linear-probe accuracy (%)", ylim=(0, 100))
     ax.legend(fontsize=7)
     fig.tight_layout()

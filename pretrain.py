@@ -29,7 +29,7 @@ Ctrl-C or SIGTERM saves a checkpoint at the current step and exits; the same com
 import argparse
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,20 @@ def losses(model: ViT, h_query, h_views, h_key, keys, tau: float) -> tuple[torch
             contrastive_loss(model, h_views, keys, tau) if h_views is not None else zero)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Encoder passes. A view is (x, t, eps), the point x + t eps of the trajectory of x, with one time per image
+# (the same for all but under --objective moco-noise); a term left out by --objective has no views.
+
+def point(x: torch.Tensor, t: float, eps: torch.Tensor) -> tuple:
+    """The view x + t eps, every image at time t."""
+    return x, torch.full((len(x),), t, device=x.device), eps
+
+
+def noisy(views: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The encoder's input x + t eps of views, one after the other, and its times."""
+    return torch.cat([x + t[:, None, None, None] * e for x, t, e in views]), torch.cat([t for _, t, _ in views])
+
+
 class OnlinePasses(nn.Module):
     """Every online pass with gradient of a step in one forward, so DDP sees them all and syncs gradients once:
     the consistency query x_{t_n} and the contrastive query views. Both losses are summed 1 : 1 (Algorithm 1,
@@ -79,68 +93,79 @@ class OnlinePasses(nn.Module):
         super().__init__()
         self.model, self.tau = model, tau
 
-    def forward(self, query: list | None, views: list | None, h_key, keys) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, query: list, views: list, h_key, keys) -> tuple[torch.Tensor, torch.Tensor]:
         h_query = self.model.features(*noisy(query)) if query else None
         h_views = self.model.features(*noisy(views)) if views else None
         return losses(self.model, h_query, h_views, h_key, keys, self.tau)
 
 
-def noisy(views: list[tuple]) -> tuple[torch.Tensor, float | torch.Tensor]:
-    """The encoder's input x + t eps of views (x, t, eps), one after the other, and its time: a number, or one per
-    image where the views' times differ (t is a number or a tensor of one time per image)."""
-    x = torch.cat([v + (t if isinstance(t, float) else t[:, None, None, None]) * e for v, t, e in views])
-    times = [t for _, t, _ in views]
-    if all(isinstance(t, float) and t == times[0] for t in times):
-        return x, times[0]
-    return x, torch.cat([torch.full((len(v),), t, device=v.device) if isinstance(t, float) else t for v, t, _ in views])
-
-
 @torch.no_grad()
-def encode(model: ViT, views: list[tuple], micro: int | None) -> torch.Tensor:
-    """model.features of noisy views without gradient, `micro` images at a time (all at once if None)."""
+def encode(model: ViT, views: list[tuple], micro: int | None) -> torch.Tensor | None:
+    """model.features of views without gradient, `micro` images at a time (all at once if None); None for no views."""
+    if not views:
+        return None
     if micro is None:
         return model.features(*noisy(views))
-    return torch.cat([model.features(*noisy([(v[k:k + micro], t if isinstance(t, float) else t[k:k + micro], e[k:k + micro])]))
-                      for v, t, e in views for k in range(0, len(v), micro)])
+    return torch.cat([model.features(*noisy([part])) for part in micro_batches(views, micro)])
 
 
 @torch.no_grad()
-def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[torch.Tensor]:
+def project(model: ViT, views: list[tuple], micro: int | None = None) -> list[torch.Tensor] | None:
     """The target's contrastive keys: L2-normalised projector outputs of each view (its BatchNorm over the view)."""
+    if not views:
+        return None
     return [F.normalize(model.projector(h), dim=1) for h in encode(model, views, micro).chunk(len(views))]
 
 
-def backward_micro_batches(online: OnlinePasses, query: list | None, views: list | None, h_key, keys, micro: int,
-                           autocast, check: Callable) -> tuple[torch.Tensor, torch.Tensor]:
-    """The step's losses, and their gradients in the model's .grad, `micro` images at a time: exact (GradCache, Gao et
-    al. 2021). The keys carry no gradient and each query's loss depends on its own row, so: the encoder outputs
-    without gradient, micro-batch by micro-batch; the projector, its BatchNorm and both losses on the whole batch with
-    gradient w.r.t. those outputs; then each micro-batch encoded again with gradient and handed its rows of the
-    outputs' gradient. The whole batch's gradients at one micro-batch's memory, for one more encoder forward."""
-    model = online.model
-    with autocast:
-        h_query = encode(model, query, micro).requires_grad_() if query else None
-        h_views = encode(model, views, micro).requires_grad_() if views else None
-        loss_cons, loss_ctr = losses(model, h_query, h_views, h_key, keys, online.tau)
-    check(loss_cons, loss_ctr)
+def losses_and_gradients(run: Trainer, net: nn.Module, query: list, views: list, h_key, keys, micro: int | None,
+                         step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The online passes: the step's (consistency, contrastive) losses, checked finite before any gradient exists,
+    and their gradients in the model's .grad, from the whole batch at once or `micro` images at a time."""
+    with run.autocast:
+        if micro is None:
+            loss_cons, loss_ctr = net(query, views, h_key, keys)
+        else:  # net is not DDP-wrapped here: the micro-batches average the gradients themselves
+            outputs, (loss_cons, loss_ctr) = cached_losses(net, query, views, h_key, keys, micro)
+    run.check_finite((loss_cons + loss_ctr).detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
     (loss_cons + loss_ctr).backward()
-    for part, h in ((query, h_query), (views, h_views)):
-        rows = 0
-        for v, t, e in part or ():
-            for k in range(0, len(v), micro):
-                with autocast:
-                    out = model.features(*noisy([(v[k:k + micro], t if isinstance(t, float) else t[k:k + micro], e[k:k + micro])]))
-                out.backward(h.grad[rows:rows + len(out)])
-                rows += len(out)
+    if micro is not None:
+        backward_micro_batches(net.model, outputs, micro, run.autocast)
+        run.average_gradients(net.model)
     return loss_cons, loss_ctr
 
 
-@torch.no_grad()
-def update_target(target: ViT, model: ViT, rate: float) -> None:
-    for p_t, p in zip(target.parameters(), model.parameters()):
-        p_t.lerp_(p, 1 - rate)
-    for b_t, b in zip(target.buffers(), model.buffers()):
-        b_t.copy_(b)
+# ----------------------------------------------------------------------------------------------------
+# Micro-batches: the whole batch's gradients at one micro-batch's memory (GradCache, Gao et al. 2021). The keys
+# carry no gradient and each query's loss depends on its own row, so: the encoder outputs without gradient, micro-
+# batch by micro-batch; the projector, its BatchNorm and both losses on the whole batch with gradient w.r.t. those
+# outputs; then each micro-batch encoded again with gradient and handed its rows of the outputs' gradient. Exact,
+# for one more encoder forward.
+
+def micro_batches(views: list[tuple], micro: int) -> Iterator[tuple]:
+    """The views cut into views of at most `micro` images, in order."""
+    for x, t, e in views:
+        for k in range(0, len(x), micro):
+            yield x[k:k + micro], t[k:k + micro], e[k:k + micro]
+
+
+def cached_losses(online: OnlinePasses, query: list, views: list, h_key, keys, micro: int) -> tuple[list, tuple]:
+    """([(views, their encoder outputs as leaves that collect the gradient)], (consistency, contrastive))."""
+    outputs = [(part, encode(online.model, part, micro).requires_grad_()) for part in (query, views) if part]
+    h_query = outputs[0][1] if query else None
+    h_views = outputs[-1][1] if views else None
+    return outputs, losses(online.model, h_query, h_views, h_key, keys, online.tau)
+
+
+def backward_micro_batches(model: ViT, outputs: list, micro: int, autocast) -> None:
+    """The encoder's share of the gradient: each micro-batch encoded again with gradient and its output given its
+    rows of the cached outputs' gradient."""
+    for views, h in outputs:
+        rows = 0
+        for part in micro_batches(views, micro):
+            with autocast:
+                out = model.features(*noisy([part]))
+            out.backward(h.grad[rows:rows + len(out)])
+            rows += len(out)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,14 +196,23 @@ def consistency_times(step: int, args) -> tuple[float, float, list[float]]:
 
 
 def contrastive_views(v1, v2, eps, view_noise, sigmas: list[float]) -> list[tuple]:
-    """The two MoCo views as (x, t, eps): read at t = sigma_min with the trajectory's eps (App. C); under
-    --objective moco-noise each view with its own eps at a time drawn per image from the step's grid."""
+    """The two MoCo views: read at t = sigma_min with the trajectory's eps (App. C); under --objective moco-noise
+    each view with its own eps at a time drawn per image from the step's grid."""
     if view_noise is None:
-        return [(v1, SIGMA_MIN, eps), (v2, SIGMA_MIN, eps)]
+        return [point(v1, SIGMA_MIN, eps), point(v2, SIGMA_MIN, eps)]
     u, e = view_noise
     grid = torch.tensor(sigmas, dtype=torch.float32, device=v1.device)
     times = grid[(u * len(sigmas)).long().clamp_max(len(sigmas) - 1)]
     return [(v1, times[0], e[0]), (v2, times[1], e[1])]
+
+
+def positive_pairs(args, x0, v1, v2, eps, view_noise, t_n: float, t_key: float, sigmas: list[float]) -> tuple[list, list, list, list]:
+    """The step's (queries, keys) of each loss: consistency's x_{t_n} against x_{t_{n+1}}, one trajectory, the same
+    eps (Eq. 11); contrastive's view 1 against view 2's key. A term that --objective leaves out has no views."""
+    consistency, contrastive = TERMS[args.objective]
+    query, key = ([point(x0, t_n, eps)], [point(x0, t_key, eps)]) if consistency else ([], [])
+    query_views, key_views = directions(contrastive_views(v1, v2, eps, view_noise, sigmas), args.symmetric) if contrastive else ([], [])
+    return query, key, query_views, key_views
 
 
 def directions(views: list, symmetric: bool) -> tuple[list, list]:
@@ -192,6 +226,22 @@ def ema_rate(step: int, total_steps: int, A: float, start: float = 0.99, end: fl
     ramp = math.sqrt(step / total_steps * (end**2 - start**2) + start**2) if step < total_steps else end
     c = 2 / (1 + math.exp(-A * (ramp - start) / (end - start))) - 1
     return c * end + (1 - c) * start
+
+
+@torch.no_grad()
+def update_target(target: ViT, model: ViT, rate: float) -> None:
+    for p_t, p in zip(target.parameters(), model.parameters()):
+        p_t.lerp_(p, 1 - rate)
+    for b_t, b in zip(target.buffers(), model.buffers()):
+        b_t.copy_(b)
+
+
+def update_targets(target: ViT, key_model: ViT, model: ViT, rate: float, consistency_ema: float) -> None:
+    """The contrastive target follows the online model at `rate`; the consistency key's encoder is the online model
+    itself (EMA2 = 0, the paper's), or under --consistency-ema an EMA copy that follows at that rate."""
+    update_target(target, model, rate)
+    if key_model is not model:
+        update_target(key_model, model, consistency_ema)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -225,37 +275,21 @@ def main(argv=None) -> None:
             m.compile_blocks()
     run.start(model, to_model_space(data.batch(torch.arange(1))[0]), step, args.steps, forwards_per_image(args, micro))
     data.prefetch_steps(step, args.batch, args.seed, run.rank, run.world, args.shards, "pretrain")  # ImageNet: decode ahead
-    consistency, contrastive = args.objective in ("rrcm", "consistency-only"), args.objective != "consistency-only"
 
-    for step in run.steps(step, args.steps, data=data):
-        t_n, t_key, sigmas = consistency_times(step, args)
+    for step in run.steps(step, args.steps, data=data):  # Algorithm 1
+        t_n, t_key, sigmas = consistency_times(step, args)  # one n for the whole batch; t_key = t_{n+1}
         x0, v1, v2, eps, view_noise = step_inputs(data, step, args, run.rank, run.world, run.device)
-        query_views, key_views = directions(contrastive_views(v1, v2, eps, view_noise, sigmas), args.symmetric)
-        query = [(x0, t_n, eps)] if consistency else None
+        query, key, query_views, key_views = positive_pairs(args, x0, v1, v2, eps, view_noise, t_n, t_key, sigmas)
         for group in opt.param_groups:
             group["lr"] = warmup_cosine(step, args.steps, args.warmup, args.lr)
         opt.zero_grad(set_to_none=True)
-
-        def check(loss_cons, loss_ctr):  # before any gradient touches the weights
-            run.check_finite((loss_cons + loss_ctr).detach(), dict(consistency=loss_cons.detach(), contrastive=loss_ctr.detach()), step)
-        with run.autocast:  # the stop-grad keys
-            h_key = encode(key_model, [(x0, t_key, eps)], micro) if consistency else None
-            keys = project(target, key_views, micro) if contrastive else None
-        if micro is None:
-            with run.autocast:
-                loss_cons, loss_ctr = net(query, query_views if contrastive else None, h_key, keys)
-            check(loss_cons, loss_ctr)
-            (loss_cons + loss_ctr).backward()
-        else:
-            loss_cons, loss_ctr = backward_micro_batches(online, query, query_views if contrastive else None, h_key,
-                                                         keys, micro, run.autocast, check)
-            run.average_gradients(model)
+        with run.autocast:  # the keys, without gradient: h(x_{t_{n+1}}) of the online model, the target's views
+            h_key, keys = encode(key_model, key, micro), project(target, key_views, micro)
+        loss_cons, loss_ctr = losses_and_gradients(run, net, query, query_views, h_key, keys, micro, step)
         grad_norm = nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if step >= args.warmup else float("inf"))
         opt.step()
         rate = ema_rate(step, args.steps, args.ema_sharpness)
-        update_target(target, model, rate)
-        if key_model is not model:
-            update_target(key_model, model, args.consistency_ema)
+        update_targets(target, key_model, model, rate, args.consistency_ema)
         if run.log_due(step + 1):
             run.log(step + 1, dict(consistency=loss_cons, contrastive=loss_ctr), f"lr {opt.param_groups[0]['lr']:.2e}",
                     f"ema {rate:.5f}", f"N {len(sigmas)}", f"grad {grad_norm.item():.3f}")
@@ -278,7 +312,8 @@ def step_inputs(data: Images, step: int, args, rank: int, world: int, device) ->
 
 def grad_passes(args) -> int:
     """Encoder passes with gradient per image and step: the consistency query, and one per contrastive query view."""
-    return (args.objective in ("rrcm", "consistency-only")) + (args.objective != "consistency-only") * (1 + args.symmetric)
+    consistency, contrastive = TERMS[args.objective]
+    return consistency + contrastive * (1 + args.symmetric)
 
 
 def forwards_per_image(args, micro: int | None = None) -> int:
@@ -345,11 +380,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "consistency), as the released code since 2025-01-23; default: one direction, 1 : 1, as the "
                         "paper's Algorithm 1 and the code the paper's tables came from")
     g = p.add_argument_group("ablations (paper App. F and G; the defaults are the method)")
-    g.add_argument("--objective", default="rrcm", choices=OBJECTIVES, help="rrcm: consistency + contrastive (Eq. 11); "
-                   "consistency-only; contrastive-only (MoCo v3 at t = sigma_min); moco-noise: MoCo v3 whose two views "
-                   "each get their own Gaussian noise at a time drawn per image from the trajectory's grid, and no "
-                   "consistency term (App. F: noise augmentation without the trajectory's structure; the paper's text "
-                   "was not at hand when this was written, so the noise levels are this project's reading)")
+    g.add_argument("--objective", default="rrcm", choices=TERMS, help="rrcm: consistency + contrastive (Eq. 9); "
+                   "consistency-only; contrastive-only (MoCo v3 at t = sigma_min); moco-noise: MoCo v3 'additionally "
+                   "equipped with Gaussian noise augmentation' (App. F), no consistency term, each view with its own "
+                   "noise at a time drawn per image from the trajectory's grid (the paper gives no noise level: this "
+                   "project's reading, the levels rRCM trains on without the trajectory's structure)")
     g.add_argument("--consistency-ema", type=jobs.interval(0, 1), default=0.0, help="EMA rate of the consistency "
                    "key's encoder (EMA2, Fig. 10); 0: the online model itself, as the paper")
     g.add_argument("--sigma-max", type=jobs.interval(0.01, low_open=True), default=SIGMA_MAX,
@@ -357,8 +392,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--align", default="adjacent", choices=("adjacent", "initial"), help="the consistency key: the "
                    "adjacent point x_{t_{n+1}} (Eq. 11), or the trajectory's initial point x_{sigma_min} (Fig. 11)")
     g.add_argument("--query-times", type=query_times, default=None, help="with --align initial: the query's times t_n "
-                   "(model space, t = 2 sigma), a set '0.5,1,2' (one drawn per step) or an interval '0.5:2' (Fig. 11); "
-                   "unset: the grid of the curriculum")
+                   "(model space, t = 2 sigma): one time '1' or a set '0.5,1,2' (one drawn per step), as App. G's "
+                   "Fig. 11 (a model per t_n in 0.5, 1, 2 and one for the three together); an interval '0.5:2' is this "
+                   "project's own reading; unset: the grid of the curriculum")
     g = p.add_argument_group("run")
     g.add_argument("--out", default="out/pretrain", help="directory for ckpt.pt and log.txt")
     g.add_argument("--micro-batch", type=jobs.at_least(1), default=None, help="images per encoder pass with gradient, "
@@ -380,22 +416,25 @@ def parse_args(argv=None) -> argparse.Namespace:
 def tau(text: str) -> float:
     """--tau in TAU_RANGE: unit vectors give logits within +-1/tau; below 0.01 they pass +-100 and the loss scales
     as 1/tau, above 1 InfoNCE sits near log(batch) whatever the features."""
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
     if not TAU_RANGE[0] <= value <= TAU_RANGE[1]:
         raise argparse.ArgumentTypeError(f"must be in [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}], got {value}: the logits "
                                          f"q.k / tau of unit vectors span +-{1 / value:.3g} (the paper uses 0.2)")
     return value
-tau.__name__ = "float"
 
 
 RUN_KEYS = ("dataset", "data_dir", "train_images", "preset", "steps", "batch", "lr", "weight_decay", "warmup",
             "grad_clip", "tau", "ema_sharpness", "symmetric", "objective", "consistency_ema", "sigma_max", "align",
             "query_times", "seed", "shards", "precision")
-OBJECTIVES = ("rrcm", "consistency-only", "contrastive-only", "moco-noise")
+TERMS = {"rrcm": (True, True), "consistency-only": (True, False), "contrastive-only": (False, True),  # --objective:
+         "moco-noise": (False, True)}  # (consistency term, contrastive term)
 
 
 def query_times(text: str) -> tuple[float, float] | list[float]:
-    """--query-times: '0.5:2' an interval (low, high), '0.5,1,2' a set; times > 0."""
+    """--query-times: '0.5,1,2' a set (App. G), '0.5:2' an interval (low, high); times > 0."""
     try:
         values = [float(v) for v in text.split(":" if ":" in text else ",")]
     except ValueError:

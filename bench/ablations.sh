@@ -1,66 +1,117 @@
 #!/usr/bin/env bash
-# The paper's appendix experiments at CPU scale (issue 25): what each ingredient of rRCM's pre-training does to
-# the representation, measured the same way for every arm, then fine-tuning and certification of three of them.
+# The paper's appendix experiments at CPU scale, to its own protocol (App. E, F, G) scaled down only in preset,
+# steps, images and N. bench/ablations.md holds the plan, its time per stage, the standard errors it costs and the
+# paper's numbers beside ours.
 #
-#   1. pre-training arms, tiny preset, the same budget each (STEPS x 128 images, about 10 minutes on 2 cores):
-#      rrcm (consistency + contrastive), moco-noise (MoCo v3 with Gaussian noise on its views, App. F), contrastive
-#      only (MoCo v3 at sigma_min), consistency only, aligned with the initial point (t_n in [0.5, 2], App. G),
-#      and T = 1 (the trajectory ends at 1 instead of 80, App. G);
-#   2. the linear probe of every arm (App. E, Table 6): a head fitted on the 50,000 clean training images,
-#      accuracy on all 10,000 test images at sigma 0, 0.25, 0.5, 1.0 (standard error < 0.5 points), and RFD,
-#      one table and one figure;
-#   3. fine-tuning at sigma 0.25 and certification (N 1,000, n0 100, alpha 0.001, 500 images) of rrcm, moco-noise
-#      and the Gaussian baseline (Cohen et al.) fine-tuned from scratch with the compute of pre-training +
-#      fine-tuning (8 forward-equivalents per pre-training image, 6 per fine-tuning image).
-# Everything not set here is the default recipe; --train-head as in bench/mini_paper.sh (the frozen near-zero
-# head needs ~100 epochs). Each stage's wall time goes to $OUT/times.txt.
+#   pre-training, tiny preset, STEPS steps at batch 256 each (App. F and G: rRCM-B, 300k steps at 256):
+#     rrcm           the method (Algorithm 1)
+#     moco-noise     App. F, Fig. 9: MoCo v3 with Gaussian noise augmentation, no consistency term
+#     ema2-0.99      App. G, Fig. 10: the consistency key from an EMA copy at rate 0.99 (default EMA2 = 0)
+#     tau-0.1        App. G, Fig. 10: temperature 0.1 for both losses (default 0.2)
+#     T1             App. G, Fig. 11: the trajectory ends at T = 1 (default 80)
+#     initial-0.5, initial-1, initial-2   App. G, Fig. 11: x_{t_n} aligned with the initial point, one t_n each
+#     initial-all    App. G, Fig. 11: the same with t_n drawn from {0.5, 1, 2} each step
+#   fine-tuning at sigma 1.0 (App. F and G fine-tune there only) with the default recipe (Eq. 12, eta1 20) for
+#     FT_EPOCHS epochs of FT_IMAGES images, and the Gaussian baseline (Cohen et al.) from scratch at rRCM's compute;
+#   certification at sigma 1.0: N samples, n0 100, alpha 0.001, NUM test images (every 10,000 / NUM-th), the
+#     same images for every model;
+#   the linear probe of every arm (App. E, Table 6): a head on PROBE_TRAIN clean training images, accuracy on
+#     PROBE_TEST test images at sigma 0, 0.25, 0.5, 1.0, and RFD between x_{t_N} (t_N = 80) and x_{t_0};
+#   report.py --compare of every model against rRCM (exact McNemar per radius, Holm), the probe figure.
+# One precision for every arm and stage (fp32, eager, PyTorch kernels), so a study resumed on another CPU stays
+# one experiment.
 #
-#   bash bench/ablations.sh                           # DATA=../shared/data OUT=out/ablations STEPS=240
+#   bash bench/ablations.sh                     # every stage in order; re-running skips what finished
+#   bash bench/ablations.sh pretrain            # one stage: pretrain, finetune, certify, report
+#   SCALE=smoke bash bench/ablations.sh         # the whole pipeline at toy scale, in minutes (a check, not a result)
+#
+# Outputs under OUT (checkpoints, logs, TSVs); the small text results (the tables, the wall times) in RESULTS,
+# the probe figure in FIGURE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
-OUT=${OUT:-out/ablations}
-STEPS=${STEPS:-240}
-BATCH=${BATCH:-128}
-FT_IMAGES=${FT_IMAGES:-25000}      # fine-tuning after pre-training: one epoch of these
-GAUSS_IMAGES=${GAUSS_IMAGES:-33000}  # the Gaussian baseline: two epochs of these (the same compute)
-NUM=${NUM:-500}                    # certified test images (every 20th)
-ARMS=${ARMS:-"rrcm moco-noise contrastive-only consistency-only initial-point T1"}
-COMMON=(--data-dir "$DATA" --no-compile --kernels torch)
-mkdir -p "$OUT"
-stage() {  # stage NAME command...: run, log, and record the wall time
-  local name=$1; shift
-  local start=$(date +%s)
-  "$@" > "$OUT/$name.log" 2>&1
-  echo "$name: $(( $(date +%s) - start )) s" | tee -a "$OUT/times.txt"
-}
+ARMS=${ARMS:-"rrcm moco-noise ema2-0.99 tau-0.1 T1 initial-0.5 initial-1 initial-2 initial-all"}
+if [ "${SCALE:-full}" = smoke ]; then
+  OUT=${OUT:-out/ablations_smoke}; RESULTS=${RESULTS:-$OUT/results}; FIGURE=${FIGURE:-$OUT/probe.png}
+  STEPS=2; BATCH=16; TRAIN=(--train-images 64); FT_IMAGES=64; FT_EPOCHS=1; FT_BATCH=16
+  EVAL=20; N=100; NUM=4; PROBE_TRAIN=64; PROBE_TEST=32; PROBE_EPOCHS=2
+else
+  OUT=${OUT:-out/ablations}; RESULTS=${RESULTS:-bench/ablations}; FIGURE=${FIGURE:-docs/ablations_probe.png}
+  STEPS=${STEPS:-100}; BATCH=256; TRAIN=(); FT_IMAGES=${FT_IMAGES:-20000}; FT_EPOCHS=1; FT_BATCH=128
+  EVAL=1000; N=${N:-500}; NUM=${NUM:-250}; PROBE_TRAIN=${PROBE_TRAIN:-10000}; PROBE_TEST=${PROBE_TEST:-10000}; PROBE_EPOCHS=30
+fi
+COMMON=(--data-dir "$DATA" --no-compile --kernels torch --precision fp32)
+mkdir -p "$OUT/logs" "$OUT/done" "$RESULTS"
+
 flags() {  # the pre-training flags of an arm
   case $1 in
     rrcm) ;;
-    moco-noise | contrastive-only | consistency-only) echo --objective "$1" ;;
-    initial-point) echo --align initial --query-times 0.5:2 ;;
+    moco-noise) echo --objective moco-noise ;;
+    ema2-*) echo --consistency-ema "${1#ema2-}" ;;
+    tau-*) echo --tau "${1#tau-}" ;;
     T1) echo --sigma-max 1 ;;
+    initial-all) echo --align initial --query-times 0.5,1,2 ;;
+    initial-*) echo --align initial --query-times "${1#initial-}" ;;
   esac
 }
-for arm in $ARMS; do
-  [ -f "$OUT/$arm/ckpt.pt" ] || stage "pretrain_$arm" python pretrain.py "${COMMON[@]}" --preset tiny --steps "$STEPS" \
-    --batch "$BATCH" --warmup $(( STEPS / 10 )) --log-every 40 --out "$OUT/$arm" $(flags "$arm")
-done
-stage probe python linear_probe.py --data-dir "$DATA" --kernels torch --plot "$OUT/probe.png" \
-  --checkpoint $(for arm in $ARMS; do echo "$OUT/$arm/ckpt.pt"; done)
-tail -n $(( $(echo $ARMS | wc -w) + 2 )) "$OUT/probe.log" | tee "$OUT/probe_table.txt"
 
-# Fine-tuning and certification: 195 steps of 128 images (25,000 images, one epoch) after pre-training; the
-# Gaussian baseline from scratch gets the same compute: 195 + STEPS x 8 / 6 steps (33,000 images, two epochs: 514)
-FT=(--sigma 0.25 --batch "$BATCH" --warmup-epochs 0 --eval-images 1000 --log-every 50)
-for arm in rrcm moco-noise; do
-  stage "finetune_$arm" python finetune.py "${COMMON[@]}" --init "$OUT/$arm/ckpt.pt" --train-images "$FT_IMAGES" --epochs 1 \
-    --train-head "${FT[@]}" --out "$OUT/${arm}_finetune"
+run() {  # run NAME command...: skipped once finished; its output appended to logs/NAME.log, its wall time to times.txt
+  local name=$1; shift
+  [ -f "$OUT/done/$name" ] && return 0
+  local start=$(date +%s)
+  if ! "$@" >> "$OUT/logs/$name.log" 2>&1; then
+    echo "$name failed; the end of $OUT/logs/$name.log:" >&2; tail -n 5 "$OUT/logs/$name.log" >&2; exit 1
+  fi
+  touch "$OUT/done/$name"
+  echo "$name: $(( $(date +%s) - start )) s" | tee -a "$RESULTS/times.txt"
+}
+
+resume() {  # --resume where an interrupted run left a checkpoint (the trainers continue bit-identically)
+  [ -f "$1/ckpt.pt" ] && echo --resume || true
+}
+
+pretrain() {
+  for arm in $ARMS; do
+    run "pretrain_$arm" python pretrain.py "${COMMON[@]}" "${TRAIN[@]}" --preset tiny --steps "$STEPS" --batch "$BATCH" \
+      --warmup $(( STEPS / 10 )) --log-every 20 --out "$OUT/$arm" $(flags "$arm") $(resume "$OUT/$arm")
+  done
+}
+
+finetune() {
+  # the Gaussian baseline's images: rRCM's compute (8 forward-equivalents per pre-training image, 6 per fine-tuning
+  # image) spent on fine-tuning images alone
+  local gauss=$(( (8 * STEPS * BATCH + 6 * FT_EPOCHS * FT_IMAGES) / (6 * FT_EPOCHS) ))
+  local ft=(--sigma 1.0 --epochs "$FT_EPOCHS" --batch "$FT_BATCH" --warmup-epochs 0 --eval-images "$EVAL" --log-every 50)
+  for arm in $ARMS; do
+    run "finetune_$arm" python finetune.py "${COMMON[@]}" --init "$OUT/$arm/ckpt.pt" --train-images "$FT_IMAGES" \
+      --train-head "${ft[@]}" --out "$OUT/${arm}_finetune" $(resume "$OUT/${arm}_finetune")
+  done
+  run finetune_gaussian python finetune.py "${COMMON[@]}" --init scratch --preset tiny --train-images "$gauss" \
+    --eta1 0 --eta2 0 "${ft[@]}" --out "$OUT/gaussian_finetune" $(resume "$OUT/gaussian_finetune")
+}
+
+certify() {  # an interrupted certification continues: certify.py skips the images its TSV holds
+  mkdir -p "$OUT/certify"
+  for model in $ARMS gaussian; do
+    run "certify_$model" python certify.py "${COMMON[@]}" --checkpoint "$OUT/${model}_finetune/ckpt.pt" --sigma 1.0 \
+      --n "$N" --n0 100 --num "$NUM" --skip $(( 10000 / NUM )) --batch 500 --out "$OUT/certify/$model.tsv"
+  done
+}
+
+report() {
+  local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
+  python report.py $tsvs > "$RESULTS/certified.txt"
+  python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
+  run probe python linear_probe.py --data-dir "$DATA" --kernels torch --train-images "$PROBE_TRAIN" \
+    --test-images "$PROBE_TEST" --epochs "$PROBE_EPOCHS" --plot "$FIGURE" \
+    --checkpoint $(for arm in $ARMS; do echo "$OUT/$arm/ckpt.pt"; done)
+  sed -n '/^ *accuracy (%)/,$p' "$OUT/logs/probe.log" > "$RESULTS/probe.txt"
+  cat "$RESULTS/certified.txt" "$RESULTS/compare.txt" "$RESULTS/probe.txt"
+}
+
+for stage in ${1:-pretrain finetune certify report}; do
+  case $stage in
+    pretrain | finetune | certify | report) "$stage" ;;
+    *) echo "usage: bash bench/ablations.sh [pretrain|finetune|certify|report]" >&2; exit 2 ;;
+  esac
 done
-stage finetune_gaussian python finetune.py "${COMMON[@]}" --init scratch --preset tiny --train-images "$GAUSS_IMAGES" --epochs 2 \
-  --eta1 0 --eta2 0 "${FT[@]}" --out "$OUT/gaussian_finetune"
-for run in rrcm moco-noise gaussian; do
-  stage "certify_$run" python certify.py --data-dir "$DATA" --no-compile --kernels torch --checkpoint "$OUT/${run}_finetune/ckpt.pt" \
-    --sigma 0.25 --n 1000 --n0 100 --num "$NUM" --batch 500 --out "$OUT/$run.tsv"
-done
-python report.py "$OUT/rrcm.tsv" "$OUT/moco-noise.tsv" "$OUT/gaussian.tsv" | tee "$OUT/table.txt"

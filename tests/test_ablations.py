@@ -29,6 +29,7 @@ def logged(out) -> list[str]:
     return [line for line in open(os.path.join(out, "log.txt")).read().splitlines() if line.startswith("step ")]
 
 
+@pytest.mark.quick
 def test_default_times_are_adjacent_points_of_the_curriculum_grid():
     args = flags()
     for step in (0, 1, 150, 299):
@@ -38,6 +39,7 @@ def test_default_times_are_adjacent_points_of_the_curriculum_grid():
         assert n < len(sigmas) - 1 and t_key == sigmas[n + 1]
 
 
+@pytest.mark.quick
 def test_sigma_max_1_keeps_every_time_at_most_1():
     args = flags("--sigma-max", "1")
     for step in range(0, 300, 7):
@@ -63,16 +65,36 @@ def test_aligning_with_the_initial_point_keys_every_query_to_sigma_min():
     assert "needs --align initial" in refusal("pretrain.py", ["--query-times", "0.5,1"])
 
 
+@pytest.mark.quick
 def test_moco_noise_gives_each_view_its_own_noise_and_times_from_the_grid():
     v1, v2, eps = torch.zeros(4, 3, 2, 2), torch.ones(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
     default = pretrain.contrastive_views(v1, v2, eps, None, [80.0, 1.0, 0.002])
-    assert [(t, e is eps) for _, t, e in default] == [(SIGMA_MIN, True), (SIGMA_MIN, True)]  # App. C: at sigma_min
+    sigma_min = torch.full((4,), SIGMA_MIN, dtype=torch.float32)  # App. C: at sigma_min, one time per image
+    assert all(torch.equal(t, sigma_min) and e is eps for _, t, e in default)
     u, e = torch.tensor([[0.0, 0.4, 0.7, 0.99], [0.5, 0.1, 0.9, 0.34]]), torch.randn(2, 4, 3, 2, 2)
     views = pretrain.contrastive_views(v1, v2, eps, (u, e), [80.0, 1.0, 0.002])
     assert views[0][1].tolist() == pytest.approx([80.0, 1.0, 0.002, 0.002]) and views[1][1].tolist() == pytest.approx([1.0, 80.0, 0.002, 1.0])
     assert torch.equal(views[0][2], e[0]) and torch.equal(views[1][2], e[1])
     x, t = pretrain.noisy(views)
-    assert torch.allclose(x[:4], v1 + views[0][1][:, None, None, None] * e[0]) and t.shape == (8,)
+    assert torch.equal(x[:4], v1 + views[0][1][:, None, None, None] * e[0]) and torch.equal(t, torch.cat([views[0][1], views[1][1]]))
+
+
+@pytest.mark.quick
+def test_positive_pairs_follow_the_objective():
+    """Each --objective keeps the views of the terms it names: consistency's query x_{t_n} and key x_{t_{n+1}} on one
+    trajectory (the same eps), contrastive's view 1 against view 2's key (both ways under --symmetric)."""
+    x0, v1, v2, eps = (torch.randn(3, 3, 2, 2) for _ in range(4))
+    for objective, consistency, contrastive in (("rrcm", 1, 1), ("consistency-only", 1, 0), ("contrastive-only", 0, 1)):
+        for symmetric in (False, True):
+            args = flags("--objective", objective, *(["--symmetric"] if symmetric else []))
+            query, key, query_views, key_views = pretrain.positive_pairs(args, x0, v1, v2, eps, None, 2.0, 1.5, [2.0, 1.5])
+            assert len(query) == len(key) == consistency and len(query_views) == len(key_views) == contrastive * (1 + symmetric)
+            if consistency:
+                (xq, tq, eq), (xk, tk, ek) = query[0], key[0]
+                assert xq is x0 and xk is x0 and eq is eps and ek is eps and tq.tolist() == [2.0] * 3 and tk.tolist() == [1.5] * 3
+            if contrastive:
+                assert query_views[0][0] is v1 and key_views[0][0] is v2
+                assert not symmetric or (query_views[1][0] is v2 and key_views[1][0] is v1)
 
 
 def test_each_objective_trains_the_terms_it_names(cifar_dir, tmp_path):
@@ -174,3 +196,25 @@ def test_finetuning_in_micro_batches_gives_the_whole_batchs_step(cifar_dir, tmp_
         assert torch.allclose(s["exp_avg"], micro["optimizer"]["state"][i]["exp_avg"], rtol=1e-4, atol=1e-10), i
     lines = [open(tmp_path / d / "log.txt").read().split("step 1/1 |")[1].split("| lr")[0] for d in ("whole", "micro")]
     assert lines[0] == lines[1], lines
+
+
+@pytest.mark.quick
+def test_the_studys_arms_are_the_papers():
+    """bench/ablations.sh's arms, through its own flags(), parse to App. F's and G's settings: MoCo v3 + noise, EMA2
+    and tau (Fig. 10), T = 1 and one model per t_n aligned with the initial point, and the three together (Fig. 11)."""
+    import re
+    import subprocess
+    script = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "bench", "ablations.sh")).read()
+    arms = re.search(r'ARMS=\$\{ARMS:-"([^"]+)"\}', script).group(1).split()
+    flags_of = script[script.index("flags() {"):script.index("\n}\n", script.index("flags() {")) + 2]
+    settings = {}
+    for arm in arms:
+        argv = subprocess.run(["bash", "-c", f"{flags_of}\nflags {arm}"], capture_output=True, text=True, check=True).stdout.split()
+        a = pretrain.parse_args(["--preset", "tiny", *argv])
+        settings[arm] = (a.objective, a.consistency_ema, a.tau, a.sigma_max, a.align, a.query_times)
+    default = ("rrcm", 0.0, 0.2, SIGMA_MAX, "adjacent", None)
+    assert settings == {"rrcm": default, "moco-noise": ("moco-noise", *default[1:]),
+                        "ema2-0.99": ("rrcm", 0.99, *default[2:]), "tau-0.1": ("rrcm", 0.0, 0.1, *default[3:]),
+                        "T1": ("rrcm", 0.0, 0.2, 1.0, "adjacent", None),
+                        **{f"initial-{t}": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [float(t)]) for t in ("0.5", "1", "2")},
+                        "initial-all": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [0.5, 1.0, 2.0])}

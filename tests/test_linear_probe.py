@@ -1,9 +1,12 @@
 """Linear probing: the head, the inputs it is evaluated on, and the script end to end."""
+from types import SimpleNamespace
+
+import pytest
 import torch
 
 import linear_probe
 import pretrain
-from data import Images
+from data import Images, seeded_noise
 from model import SIGMA_MIN
 
 
@@ -49,15 +52,44 @@ def test_linear_probe_script(cifar_dir, tmp_path, capsys):
     assert lines[0].startswith("linear probe of") and "60 clean training images" in lines[0]
     encoding = [line for line in lines if line.startswith("encoding")]
     assert encoding[0].startswith("encoding clean training images: 60 / 60 images") and "ETA" in encoding[0]
-    assert len(encoding) == 6  # the training set, then the test set at sigma 0, 0.25, 0.5, 1.0 and at T (40)
+    # the training set, then the test set at sigma 0, at t_0 = 0.002 (sigma 0.001), 0.25, 0.5, 1.0, at t_N = 80 (40)
+    assert [line.split(":")[0] for line in encoding[1:]] == [f"encoding test images, sigma {s}" for s in
+                                                             ("0", "0.001", "0.25", "0.5", "1", "40")]
     header = next(line for line in lines if line.startswith("checkpoint"))
-    assert header.split()[1:5] == ["0.00", "0.25", "0.50", "1.00"] and header.split()[5:8] == ["0.25", "0.50", "1.00"]
+    assert header.split()[1:] == ["0.00", "0.25", "0.50", "1.00", "t_N,", "t_0", "0.25", "0.50", "1.00"]
     row = lines[lines.index(header) + 1].split()
-    accuracies, rfd = [float(a) for a in row[1:5]], [float(d) for d in row[5:]]
-    assert len(accuracies) == 4 and accuracies[0] >= 50  # solid-colour classes, 10% is chance
-    assert len(rfd) == 4 and all(d >= 0 for d in rfd) and rfd[-1] > rfd[0]  # pure noise is further than sigma 0.25
+    accuracies, rfd, to_clean = [float(a) for a in row[1:5]], float(row[5]), [float(d) for d in row[6:]]
+    assert accuracies[0] >= 50  # solid-colour classes, 10% is chance
+    assert len(to_clean) == 3 and all(d >= 0 for d in to_clean) and rfd > to_clean[0]  # pure noise is further than 0.25
 
 
+class Toy(torch.nn.Module):
+    """h(x_t, t) = one pixel of x_t scaled by 1 / (1 + t): one feature, so the Frechet distance has a closed form."""
+    cfg = SimpleNamespace(num_classes=10)
+
+    def features(self, x_t, t, norm=True):
+        t = torch.as_tensor(t, dtype=torch.float32).expand(len(x_t))
+        return x_t[:, 0, 3, 5:6] / (1 + t[:, None])
+
+
+@pytest.mark.quick
+def test_rfd_is_app_e_between_the_trajectory_ends_for_every_model(cifar_dir, monkeypatch, torch_kernels):
+    """RFD = FD(h(x_{t_N}, t_N), h(x_{t_0}, t_0)) with t_N = 80, t_0 = 0.002 on the same eps, whatever T the model
+    trained with (the T = 1 ablation too), against the one-dimensional closed form (mu_a - mu_b)^2 + (s_a - s_b)^2
+    computed by hand from the test images and the probe's noise."""
+    for sigma_max in (80.0, 1.0):
+        monkeypatch.setattr(linear_probe, "load_checkpoint", lambda path, kind: {"config": {"dataset": "cifar10", "sigma_max": sigma_max}, "step": 0})
+        monkeypatch.setattr(linear_probe, "model_from_checkpoint", lambda ckpt: Toy())
+        args = linear_probe.parse_args(["--data-dir", cifar_dir, "--epochs", "1", "--sigmas", "0,0.5", "--kernels", "torch"])
+        _, rfd, _ = linear_probe.probe("toy", args, torch.device("cpu"))
+        x, _ = Images("cifar10", cifar_dir, "test", torch.device("cpu")).batch(torch.arange(20))
+        eps = seeded_noise(x.shape[1:], torch.arange(20), torch.device("cpu"), 0, "probe")
+        ends = [((2 * x - 1 + t * eps)[:, 0, 3, 5] / (1 + t)).double() for t in (80.0, 0.002)]
+        want = (ends[0].mean() - ends[1].mean()) ** 2 + (ends[0].std() - ends[1].std()) ** 2
+        assert abs(rfd - want.item()) < 1e-5 * want.item(), (rfd, want.item())
+
+
+@pytest.mark.quick
 def test_frechet_distance_is_the_closed_form_for_gaussians():
     """For diagonal covariances (which commute) the Frechet distance is sum (mu_a - mu_b)^2 + (s_a - s_b)^2 per
     dimension; checked on features whose sample means and covariances are exactly known."""

@@ -240,7 +240,7 @@ def test_one_direction_by_default():
     assert pretrain.directions(["v1", "v2"], True) == (["v1", "v2"], ["v2", "v1"])
     objective = pretrain.OnlinePasses(net, 0.2)
     with torch.no_grad():
-        h_key = pretrain.encode(net, [(x0, 1.5, eps)], None)
+        h_key = pretrain.encode(net, [pretrain.point(x0, 1.5, eps)], None)
     for symmetric, depends in ((False, False), (True, True)):
         losses = []
         for second in (v2, v2_other):
@@ -248,7 +248,7 @@ def test_one_direction_by_default():
             queries, key_views = pretrain.directions(views, symmetric)
             keys = pretrain.project(net, pretrain.directions(pretrain.contrastive_views(v1, v2, eps, None, [80.0, 0.002]), symmetric)[1])
             with torch.no_grad():
-                losses.append(objective([(x0, 2.0, eps)], queries, h_key, keys)[1])
+                losses.append(objective([pretrain.point(x0, 2.0, eps)], queries, h_key, keys)[1])
         assert (not torch.equal(*losses)) == depends
     assert pretrain.forwards_per_image(pretrain.parse_args([])) == 8
     assert pretrain.forwards_per_image(pretrain.parse_args(["--symmetric"])) == 12
