@@ -23,6 +23,7 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.quick
 def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
     run_pretrain(cifar_dir, tmp_path / "pre")
     finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
@@ -126,6 +127,7 @@ def test_pretrain_refuses_to_overwrite_a_run(cifar_dir, tmp_path):
     assert (tmp_path / "pre" / "ckpt.pt").read_bytes() == before
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("script", ["pretrain", "finetune", "certify", "linear_probe"])
 def test_help_shows_every_default(script, capsys):
     """Every option of --help says its default (or, for the recipe's flags, both datasets' values)."""
