@@ -230,11 +230,10 @@ def test_input_benchmark_runs_in_quick_mode(tmp_path, capsys):
 
 
 def test_the_stages_on_imagenet_give_the_same_results_with_and_without_workers(tmp_path):
-    """pretrain.py, finetune.py (its per-epoch evaluation too), certify.py and linear_probe.py as a user runs them on
-    a tiny ImageNet, with --workers 2 and with --workers 0: the same weights, evaluation and certificates."""
+    """pretrain.py, finetune.py (its per-epoch evaluation too) and certify.py as a user runs them on a tiny ImageNet,
+    with --workers 2 and with --workers 0: the same weights, evaluation and certificates."""
     import certify
     import finetune
-    import linear_probe
     import pretrain
     from conftest import FAST
     from jobs import load_checkpoint
