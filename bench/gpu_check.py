@@ -91,9 +91,9 @@ TINY_PLAN = dict(caps=dict(tests=120, kernels=120, certify=120, pretrain=120, e2
                  preset="tiny", precision="fp32", script_flags=["--no-compile", "--kernels", "torch"],
                  certify=dict(n=100, num=1, batch=100), pretrain=dict(steps=2, batch=4, log_every=1),
                  # e2e: two images at a time. Each pipeline pre-trains and fine-tunes with PyTorch's kernels and
-                 # certifies with its own: training under the interpreter (0.1-0.3 s a launch) was two thirds of the
-                 # toy run, and tests/test_gpu_path.py trains with the fused kernels, test_kernels.py checks each one's
-                 # gradients. The same commands, chain of checkpoints and report as on the GPU.
+                 # certifies with its own: eager training under the interpreter would be the toy run's largest cost,
+                 # and tests/test_gpu_path.py trains with the fused kernels, test_kernels.py checks their gradients.
+                 # The same commands, chain of checkpoints and report as on the GPU.
                  e2e=dict(pretrain=["--steps", "1", "--batch", "2", "--warmup", "0", "--no-compile", "--precision", "fp32"],
                           finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch", "2", "--train-images", "2", "--train-head",
                                     "--eval-images", "2", "--no-compile", "--precision", "fp32"],
