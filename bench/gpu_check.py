@@ -89,7 +89,7 @@ TINY_PLAN = dict(caps=dict(tests=120, kernels=120, certify=120, pretrain=120, e2
                  least=dict(tests=3, kernels=3, certify=3, pretrain=3, e2e=3),
                  tests=["tests/test_kernels.py", "-k", "cross_entropy_matches"], kernels=["--quick", "--tiny"],
                  preset="tiny", precision="fp32", script_flags=["--no-compile", "--kernels", "torch"],
-                 certify=dict(n=100, num=1, batch=100), pretrain=dict(steps=2, batch=4, log_every=1),
+                 certify=dict(n=100, num=1, batch=100), pretrain=dict(steps=2, batch=8, log_every=1),
                  # e2e: two images at a time. Each pipeline pre-trains and fine-tunes with PyTorch's kernels and
                  # certifies with its own: eager training under the interpreter would be the toy run's largest cost,
                  # and tests/test_gpu_path.py trains with the fused kernels, test_kernels.py checks their gradients.
