@@ -25,13 +25,14 @@ def same_weights(a: dict, b: dict) -> bool:
 
 @pytest.mark.quick
 def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
-    run_pretrain(cifar_dir, tmp_path / "pre")
+    """The stages chained as a user runs them, each at its smallest (reproducibility and resume are tested below)."""
+    run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
     finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
                    "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--train-images", "40", *FAST])
     assert load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"), "finetune")["step"] == 2  # 40 of the 60 images: 2 steps
     tsv = tmp_path / "c.tsv"
     certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv), "--sigma", "0.25",
-                  "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", *FAST])
+                  "--n0", "20", "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", *FAST])
     lines = tsv.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and [l.split("\t")[0] for l in lines[1:]] == ["0", "5", "10"]
     for line in lines[1:]:
