@@ -23,7 +23,7 @@ and <section>.log, each section's raw output as it comes: at most 6 files, as th
 The scripts run as a user runs them, through their command lines, on a synthetic CIFAR-10 (random pixels, the
 official pickle layout) and randomly initialised checkpoints, except e2e: speed does not depend on the weights.
 `--cpu-tiny` runs the same command path at toy size (tests/test_gpu_check.py), so the GPU call cannot fail for a
-reason a CPU could have shown.
+reason a CPU could have shown (its e2e pre-trains and fine-tunes with PyTorch's kernels, certifies with each choice).
 """
 import argparse
 import contextlib
@@ -81,7 +81,8 @@ GPU_PLAN = dict(caps=dict(tests=180, kernels=45, certify=125, pretrain=120, e2e=
                 e2e=dict(pretrain=["--steps", "200", "--batch", "256", "--warmup", "20", "--no-compile"],
                          finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch", "256", "--train-head", "--eval-images",
                                    "1000", "--no-compile"],
-                         certify=["--n", "1000", "--num", "100", "--skip", "100", "--batch", "1000", "--no-compile"]))
+                         certify=["--n", "1000", "--num", "100", "--skip", "100", "--batch", "1000", "--no-compile"],
+                         train_kernels=None))  # None: pre-train and fine-tune with the kernels under test too
 # Tiny: fp32, since bf16 without native CPU support is emulated and about 20x slower on such CPUs; caps generous
 # for a shared 2-core machine.
 TINY_PLAN = dict(caps=dict(tests=120, kernels=120, certify=120, pretrain=120, e2e=240),
@@ -89,12 +90,16 @@ TINY_PLAN = dict(caps=dict(tests=120, kernels=120, certify=120, pretrain=120, e2
                  tests=["tests/test_kernels.py", "-k", "cross_entropy_matches"], kernels=["--quick", "--tiny"],
                  preset="tiny", precision="fp32", script_flags=["--no-compile", "--kernels", "torch"],
                  certify=dict(n=100, num=1, batch=100), pretrain=dict(steps=2, batch=8, log_every=1),
-                 # e2e: the fused kernels run under the interpreter (~10 ms a Triton program): two images at a time
+                 # e2e: two images at a time. Each pipeline pre-trains and fine-tunes with PyTorch's kernels and
+                 # certifies with its own: eager training under the interpreter would be the toy run's largest cost,
+                 # and tests/test_gpu_path.py trains with the fused kernels, test_kernels.py checks their gradients.
+                 # The same commands, chain of checkpoints and report as on the GPU.
                  e2e=dict(pretrain=["--steps", "1", "--batch", "2", "--warmup", "0", "--no-compile", "--precision", "fp32"],
                           finetune=["--epochs", "1", "--warmup-epochs", "0", "--batch", "2", "--train-images", "2", "--train-head",
                                     "--eval-images", "2", "--no-compile", "--precision", "fp32"],
                           certify=["--n0", "2", "--n", "2", "--num", "1", "--skip", "1", "--batch", "100", "--no-compile",
-                                   "--precision", "fp32"]))
+                                   "--precision", "fp32"],
+                          train_kernels="torch"))
 LOG_LIMIT = 8 * 2**20  # bytes per log: the device tool returns no file over 16 MiB
 MATMUL_BF16_H200 = 790e12  # FLOP/s of an 8192^3 bf16 matmul measured on the device tool's H200 (its KINDS.md)
 PAPER_SECONDS_PER_IMAGE = 16  # rRCM-B, CIFAR-10, n = 100,000 on an A800 (the paper)
@@ -355,14 +360,16 @@ def pretrain_command(plan: dict, work: str) -> list[str]:
 
 
 def e2e_commands(plan: dict, work: str, kernels: str) -> list[list[str]]:
-    """Pre-train, fine-tune and certify the tiny preset with these kernels, in work/<kernels>/."""
-    out = os.path.join(work, kernels)
+    """Pre-train, fine-tune and certify the tiny preset with these kernels (training with the plan's train_kernels
+    where it names them), in work/<kernels>/."""
+    out, train = os.path.join(work, kernels), plan["e2e"]["train_kernels"] or kernels
     steps = [["pretrain.py", "--preset", "tiny", *plan["e2e"]["pretrain"], "--out", os.path.join(out, "pretrain")],
              ["finetune.py", "--init", os.path.join(out, "pretrain", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["finetune"],
               "--out", os.path.join(out, "finetune")],
              ["certify.py", "--checkpoint", os.path.join(out, "finetune", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["certify"],
               "--out", os.path.join(out, "certify.tsv")]]
-    return [[sys.executable, *step, "--data-dir", work, "--kernels", kernels] for step in steps]
+    return [[sys.executable, *step, "--data-dir", work, "--kernels", kernels if step[0] == "certify.py" else train]
+            for step in steps]
 
 
 def section_certify(s: Section) -> tuple[str, str]:

@@ -173,6 +173,7 @@ def test_reported_radii_are_the_papers_capped_at_what_n_certifies():
     assert smoothing.AdaptivePlan(N, ALPHA, 1.0, imagenet).radii == imagenet
 
 
+@pytest.mark.quick
 def test_looks_and_alpha_split():
     plan = smoothing.AdaptivePlan(N, ALPHA, 0.25, RADII)
     assert plan.looks == [100, 200, 400, 800, 1600, 3200, 6400, 12_800, 25_600, 51_200, 100_000]
@@ -183,6 +184,7 @@ def test_looks_and_alpha_split():
     assert smoothing.AdaptivePlan(500, ALPHA, 0.25, RADII, looks=[100, 200, 900]).looks == [100, 200, 500]
 
 
+@pytest.mark.quick
 def test_stopping_rules_on_hand_made_counts():
     """Stops where a person would: all correct, at the first look whose bound certifies the top radius; a clear
     abstention at the first look; an image that certifies a radius only with every sample goes on to n."""

@@ -18,6 +18,7 @@ from data import Images
 from test_smoothing import clopper_pearson_lower
 
 
+@pytest.mark.quick
 def test_radius_is_rounded_down_to_4_decimals():
     """By hand: 0.24996 must not become 0.2500 (that would count at r = 0.25)."""
     assert results.floor_radius(0.24996) == "0.2499"
@@ -49,6 +50,7 @@ def test_imagenet_default_subset_takes_one_image_from_every_other_class(tmp_path
     assert certify.DEFAULT_SKIP["imagenet"] * 500 == 50_000 and certify.DEFAULT_SKIP["cifar10"] * 500 == 10_000
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf", "0.25,inf"])
 def test_sigma_must_be_finite(value):
     with pytest.raises(SystemExit, match="--sigma must be > 0 and finite"):
@@ -76,6 +78,7 @@ def test_sigma_default_is_the_released_grid_one_file_each(tmp_path):
         assert said.startswith("certify.py: error: ") and message in said and "\n" not in said, said
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("argv,message", [
     (["--adaptive", "--stages", "150"], "--stages must be multiples of 100"),
     (["--adaptive", "--stages", "1k"], "--stages must be comma-separated integers"),
@@ -96,12 +99,14 @@ def test_adaptive_flags_parse():
     assert certify.parse_args(["--adaptive", "--n", "10000"]).stages == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("out,reason", [("/proc/x", "cannot write /proc/x"), ("/etc/passwd/x", "/etc/passwd is not a directory")])
 def test_unwritable_out_is_one_line(out, reason):
     with pytest.raises(results.ResultsError, match=reason):
         results.lock_results(out)
 
 
+@pytest.mark.quick
 def test_one_writer_per_results_file(tmp_path):
     """A second writer is refused at once; once the first is gone (closed, or its process killed) the lock is free."""
     path = str(tmp_path / "c.tsv")

@@ -13,6 +13,7 @@ import data
 from jobs import UsageError
 
 
+@pytest.mark.quick
 def test_cifar_reader_matches_raw_pickles(cifar_dir):
     x, y = data.load_cifar10(cifar_dir, "test")
     with open(os.path.join(cifar_dir, "cifar-10-batches-py", "test_batch"), "rb") as f:
@@ -22,6 +23,7 @@ def test_cifar_reader_matches_raw_pickles(cifar_dir):
     assert x[3, 1, 2, 5].item() == raw[b"data"][3][1024 + 2 * 32 + 5]  # green plane, row 2, col 5
 
 
+@pytest.mark.quick
 def test_hsv_matches_colorsys():
     x = torch.rand(4, 3, 5, 5, dtype=torch.float64)
     h, s, v = augment._rgb_to_hsv(x)
@@ -31,6 +33,7 @@ def test_hsv_matches_colorsys():
     assert torch.allclose(augment._hsv_to_rgb(h, s, v), x)
 
 
+@pytest.mark.quick
 def test_moco_views_are_images_and_differ():
     x = torch.rand(8, 3, 32, 32)
     v1, v2 = augment.moco_views(x, data.generator(torch.device("cpu"), 1))
@@ -44,6 +47,7 @@ def test_full_crop_is_identity():
     assert torch.allclose(augment.random_resized_crop(x, g, scale=(1.0, 1.0), ratio=(1.0, 1.0)), x, atol=1e-5)
 
 
+@pytest.mark.quick
 def test_batches_cover_an_epoch_and_split_across_ranks():
     idx = torch.cat([data.batch_indices(100, 20, s, 3) for s in range(5)])
     assert sorted(idx.tolist()) == list(range(100))
@@ -51,6 +55,7 @@ def test_batches_cover_an_epoch_and_split_across_ranks():
     assert torch.equal(both, data.batch_indices(100, 20, 7, 3))
 
 
+@pytest.mark.quick
 def test_missing_and_truncated_files_are_clear_errors(tmp_path):
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
@@ -167,6 +172,7 @@ def _pil_hue(im, factor: float):
     return Image.merge("HSV", (Image.fromarray(shifted.astype(np.uint8), "L"), s, v)).convert("RGB")
 
 
+@pytest.mark.quick
 def test_color_jitter_follows_each_images_order_as_pil():
     """ColorJitter(0.4, 0.4, 0.2, 0.1) as the released PIL pipeline runs it: torchvision's adjust_brightness,
     adjust_contrast, adjust_saturation (ImageEnhance.Brightness, Contrast, Color) and adjust_hue on PIL images,
@@ -238,6 +244,7 @@ def test_crop_boxes_follow_torchvision():
             assert got[i].tolist() == list(want), (i, scale)
 
 
+@pytest.mark.quick
 def test_crop_resize_matches_pil_crop_then_bilinear_resize():
     from PIL import Image
     x = _uint8_images(3, 32, 32)
@@ -359,6 +366,7 @@ def test_rand_augment_applies_a_plan_in_order_as_pil():
     assert not torch.equal(out[2], out[3])
 
 
+@pytest.mark.quick
 def test_mixup_and_cutmix_statistics():
     B, H, W = 8, 20, 30
     x = torch.arange(B, dtype=torch.float32)[:, None, None, None].expand(B, 3, H, W).contiguous()  # image b == b
@@ -406,6 +414,7 @@ def test_mixup_or_cutmix_alone(mixup, cutmix):
 # ----------------------------------------------------------------------------------------------------
 # Datasets: subsets, pre-training and fine-tuning batches, bad --data-dir
 
+@pytest.mark.quick
 def test_train_images_is_a_fixed_subset(cifar_dir):
     full = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"))
     a = data.Images("cifar10", cifar_dir, "test", torch.device("cpu"), limit=7)

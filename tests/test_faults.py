@@ -203,6 +203,7 @@ def test_checkpoint_of_another_dataset_is_refused(cifar_dir, tmp_path):
     assert "\n" not in said and "pre-trained on imagenet, not --dataset cifar10" in said, said
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("argv, message", [
     (["pretrain.py", "--batch", "0"], "--batch must be >= 1"),
     (["pretrain.py", "--steps", "-3"], "--steps must be >= 1"),

@@ -86,6 +86,7 @@ def refusal(argv: list[str]) -> str:
     return str(exited.value.code)
 
 
+@pytest.mark.quick
 def test_bad_input_is_refused_in_one_line_before_anything_runs(tmp_path):
     out = str(tmp_path / "out")
     assert refusal(["--cpu-tiny", "--only", "tests,speed", "--out", out]) == (
@@ -99,11 +100,13 @@ def test_bad_input_is_refused_in_one_line_before_anything_runs(tmp_path):
     assert not os.path.exists(out)
 
 
+@pytest.mark.quick
 def test_e2e_without_data_is_reported_not_run(tmp_path):
     section = gpu_check.Section(gpu_check.GPU_PLAN, True, str(tmp_path / "log"), str(tmp_path), time.perf_counter() + 9, None)
     assert gpu_check.section_e2e(section)[0] == "not run"
 
 
+@pytest.mark.quick
 def test_the_gpu_test_list_names_tests_that_exist():
     """A renamed test would make the GPU call's pytest stop at 'not found'; this CPU can say so first (read from
     the test files' syntax: importing test_gpu_path alone takes seconds)."""
@@ -133,8 +136,13 @@ def test_the_gpu_plan_command_lines_pass_the_scripts_parsers(tmp_path):
     assert [cmd[1] for cmd in commands] == ["certify.py", "pretrain.py"] + ["pretrain.py", "finetune.py", "certify.py"] * 2
     for cmd in commands:
         parsers[cmd[1]](cmd[2:])  # exits with argparse's one line on a refusal
+    # on the GPU each e2e pipeline trains and certifies with its kernels; the toy run trains with PyTorch's
+    for plan, train in ((gpu_check.GPU_PLAN, None), (gpu_check.TINY_PLAN, "torch")):
+        for kernels in ("triton", "torch"):
+            assert [cmd[-1] for cmd in gpu_check.e2e_commands(plan, work, kernels)] == [train or kernels] * 2 + [kernels]
 
 
+@pytest.mark.quick
 def test_a_section_that_breaks_gpu_check_itself_is_reported_and_the_next_ones_run(tmp_path, monkeypatch):
     def broken(section):
         raise KeyError("oops")
@@ -160,6 +168,7 @@ def test_a_command_past_its_time_is_killed_with_its_children_even_when_silent(tm
     assert ran.ok and not ran.timed_out and ran.output == "done\n"
 
 
+@pytest.mark.quick
 def test_pytest_progress_reads_finished_and_cut_off_runs():
     finished = ("collected 5 items / 2 deselected / 3 selected\n\n"
                 "tests/a.py::test_x[1-dtype0] PASSED                [ 33%]\n"
@@ -176,6 +185,7 @@ def test_pytest_progress_reads_finished_and_cut_off_runs():
     assert gpu_check.pytest_progress(cut)[1:] == (2, None, "tests/a.py::test_slow")
 
 
+@pytest.mark.quick
 def test_certify_seconds_reads_the_time_column_of_whole_rows(tmp_path):
     tsv = tmp_path / "c.tsv"
     assert gpu_check.certify_seconds(str(tsv)) == []  # cut off before the first image
@@ -183,6 +193,7 @@ def test_certify_seconds_reads_the_time_column_of_whole_rows(tmp_path):
     assert gpu_check.certify_seconds(str(tsv)) == [12.5, 1.25]
 
 
+@pytest.mark.quick
 def test_pretrain_rates_reads_the_last_log_line():
     log = ("step 1/60 | consistency 1.0 | 10.0 img/s | elapsed 0:01 | mfu 1.0%\n"
            "some other line\n"
@@ -193,6 +204,7 @@ def test_pretrain_rates_reads_the_last_log_line():
         gpu_check.pretrain_rates("Traceback ...")
 
 
+@pytest.mark.quick
 def test_window_mfu_counts_the_encoder_forwards_of_a_step(monkeypatch):
     """rRCM-B on CIFAR-10: 11.38 GFLOP per forward (24 L W^2 + 4 L^2 W per block, L = 66, W = 768, 12 blocks, plus
     the patch embedding), times pretrain.py's forward-equivalents per image, against an H100's 989 TFLOP/s bf16."""

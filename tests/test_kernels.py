@@ -21,7 +21,7 @@ TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (L, D): 66 = CIFAR-10's 64 patches + 2 tokens; with the interpreter's 128 x 64 tiles (attention.INTERPRETER)
 # 66 loops over two key tiles and 198 (ImageNet's 196 + 2) over two query tiles and four key tiles, both ragged.
-ATTENTION_SHAPES = [(1, 16), (7, 32), (66, 64), (20, 24), (198, 40)]
+ATTENTION_SHAPES = [(1, 16), (7, 32), pytest.param(66, 64, marks=pytest.mark.quick), (20, 24), (198, 40)]  # quick: CIFAR-10's
 
 
 def grads(fn, inputs, g):
@@ -72,6 +72,7 @@ def test_torch_backend_runs_sdpa_in_autocast_dtype(torch_kernels, monkeypatch):
     assert seen == [torch.bfloat16] and out.dtype == torch.bfloat16
 
 
+@pytest.mark.quick
 def test_attention_reference_is_softmax_attention():
     q, k, v = torch.randn(3, 1, 1, 5, 8, dtype=torch.float64)
     want = torch.stack([sum(math.exp(q[0, 0, i] @ k[0, 0, j] / math.sqrt(8)) * v[0, 0, j] for j in range(5)) /
@@ -90,6 +91,7 @@ def test_info_nce_matches_reference(B, M, D, tau, offset, dtype):
     assert_close(grads(lambda q, k: info_nce_triton(q, k, tau, offset), (q, k), g), want, dtype)
 
 
+@pytest.mark.quick
 def test_info_nce_without_key_gradient():
     q = F.normalize(torch.randn(5, 32, device=DEVICE), dim=1).requires_grad_()
     k = F.normalize(torch.randn(9, 32, device=DEVICE), dim=1)
@@ -114,6 +116,7 @@ def test_info_nce_of_two_dtypes(q_dtype, k_dtype, triton_kernels):
     assert_close(got, want)  # the loss and the fp32 gradient to fp32's tolerance, the bf16 one to bf16's
 
 
+@pytest.mark.quick
 def test_info_nce_reference_is_eq_7():
     q = F.normalize(torch.randn(3, 4, dtype=torch.float64), dim=1)
     k = F.normalize(torch.randn(5, 4, dtype=torch.float64), dim=1)
@@ -124,6 +127,7 @@ def test_info_nce_reference_is_eq_7():
         assert abs(info_nce_reference(q, k, tau, offset)[i].item() - want) < 1e-12
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,C,scale", [(1, 10, 1.0), (9, 1000, 3.0), (5, 13, 1e4), (4, 10, 80.0)])
 def test_cross_entropy_matches_reference(B, C, scale, dtype):
@@ -145,6 +149,7 @@ def test_references_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x: cross_entropy_reference(x, torch.tensor([0, 3, 9, 3])), (logits,))
 
 
+@pytest.mark.quick
 def test_dispatch_uses_triton_when_selected(triton_kernels, monkeypatch):
     import kernels
     calls = []

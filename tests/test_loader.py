@@ -106,6 +106,7 @@ def test_prefetched_chunks_equal_batch_and_their_workers_stop_at_the_end(tmp_pat
     assert ahead.prefetcher is None and all(p.exitcode is not None for p in workers)
 
 
+@pytest.mark.quick
 def test_an_unreadable_image_is_one_line_naming_the_file(tmp_path):
     write_jpegs(tmp_path, "val", classes=2, per_class=4)
     bad = tmp_path / "val" / "n01" / "2.JPEG"
@@ -203,6 +204,7 @@ def test_workers_never_outlive_the_main_process(tmp_path, ending):
     assert not any(_alive(p) for p in started), [p for p in started if _alive(p)]
 
 
+@pytest.mark.quick
 def test_workers_flag_defaults_to_the_cores_of_each_process(monkeypatch):
     import argparse
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -228,11 +230,10 @@ def test_input_benchmark_runs_in_quick_mode(tmp_path, capsys):
 
 
 def test_the_stages_on_imagenet_give_the_same_results_with_and_without_workers(tmp_path):
-    """pretrain.py, finetune.py (its per-epoch evaluation too), certify.py and linear_probe.py as a user runs them on
-    a tiny ImageNet, with --workers 2 and with --workers 0: the same weights, evaluation and certificates."""
+    """pretrain.py, finetune.py (its per-epoch evaluation too) and certify.py as a user runs them on a tiny ImageNet,
+    with --workers 2 and with --workers 0: the same weights, evaluation and certificates."""
     import certify
     import finetune
-    import linear_probe
     import pretrain
     from conftest import FAST
     from jobs import load_checkpoint

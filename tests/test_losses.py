@@ -2,6 +2,7 @@
 import math
 
 import numpy as np
+import pytest
 import torch
 
 import certify
@@ -12,6 +13,7 @@ import pretrain
 import smoothing
 
 
+@pytest.mark.quick
 def test_edm_sigmas_match_karras_formula():
     N = 21
     want = [(80 ** (1 / 7) + i / (N - 1) * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7 for i in range(N)]
@@ -21,6 +23,7 @@ def test_edm_sigmas_match_karras_formula():
     assert (got[1:] < got[:-1]).all()
 
 
+@pytest.mark.quick
 def test_num_scales_curriculum():
     K = 300_000
     k_prime = math.ceil(K / np.log2(5))  # ceil(300000 / 2.3219...) = 129203
@@ -29,6 +32,7 @@ def test_num_scales_curriculum():
     assert {k: pretrain.num_scales(k, K) for k in expect} == expect
 
 
+@pytest.mark.quick
 def test_finetune_loss_is_eq_12():
     torch.manual_seed(0)
     logits = torch.randn(2, 4, 10, dtype=torch.float64) * 3
@@ -57,6 +61,7 @@ class Spy(torch.nn.Module):
         return torch.zeros(x_t.shape[0], 10).index_fill_(1, torch.tensor([0]), 1.0)
 
 
+@pytest.mark.quick
 def test_noise_is_added_in_pixel_space_before_normalising():
     """The certified classifier must see normalise(x + sigma eps), i.e. (x + sigma eps - 0.5) / 0.5, at
     t = 2 sigma snapped to the 81-point grid (0.4927 for sigma 0.25). Adding the noise after normalising would
@@ -72,6 +77,7 @@ def test_noise_is_added_in_pixel_space_before_normalising():
     assert not torch.allclose(seen, (x[None] - 0.5) / 0.5 + sigma * eps)
 
 
+@pytest.mark.quick
 def test_finetune_noise_uses_the_same_convention():
     x, eps = torch.rand(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     x_t, t = model.noisy_input(x, 0.5, eps)

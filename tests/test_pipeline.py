@@ -23,14 +23,16 @@ def same_weights(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.quick
 def test_pretrain_finetune_certify_end_to_end(cifar_dir, tmp_path, capsys):
-    run_pretrain(cifar_dir, tmp_path / "pre")
+    """The stages chained as a user runs them, each at its smallest (reproducibility and resume are tested below)."""
+    run_pretrain(cifar_dir, tmp_path / "pre", steps=1)
     finetune.main(["--init", str(tmp_path / "pre" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tmp_path / "ft"),
                    "--epochs", "1", "--warmup-epochs", "0", "--batch", "20", "--train-images", "40", *FAST])
     assert load_checkpoint(str(tmp_path / "ft" / "ckpt.pt"), "finetune")["step"] == 2  # 40 of the 60 images: 2 steps
     tsv = tmp_path / "c.tsv"
     certify.main(["--checkpoint", str(tmp_path / "ft" / "ckpt.pt"), "--data-dir", cifar_dir, "--out", str(tsv), "--sigma", "0.25",
-                  "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", *FAST])
+                  "--n0", "20", "--n", "200", "--num", "3", "--skip", "5", "--batch", "100", *FAST])
     lines = tsv.read_text().splitlines()
     assert lines[0] == "idx\tlabel\tpredict\tradius\tcorrect\ttime" and [l.split("\t")[0] for l in lines[1:]] == ["0", "5", "10"]
     for line in lines[1:]:
@@ -134,6 +136,7 @@ def test_resume_never_refuses_to_overwrite_a_run_and_must_refuses_to_start_one(c
         assert said == f"pretrain.py: error: --resume must, but {tmp_path / 'new' / 'ckpt.pt'} does not exist", said
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("script", ["pretrain", "finetune", "certify", "linear_probe"])
 def test_help_shows_every_default(script, capsys):
     """Every option of --help says its default (or, for the recipe's flags, both datasets' values)."""

@@ -26,6 +26,7 @@ from conftest import ROOT, refusal
 # ----------------------------------------------------------------------------------------------------
 # Pre-training lr: warm-up over 10k steps, then cosine to 0 at K = 300k (released "warmup-cosine")
 
+@pytest.mark.quick
 @pytest.mark.parametrize("step, want", [
     (0, 0.0),                   # LambdaLR gives the first optimizer step scale 0 / W
     (5_000, 0.5e-4),            # half-way through the warm-up
@@ -38,6 +39,7 @@ def test_pretrain_lr_schedule(step, want):
     assert trainer.warmup_cosine(step, 300_000, 10_000, 1e-4) == pytest.approx(want, abs=1e-15)
 
 
+@pytest.mark.quick
 def test_no_warmup_is_a_constant_lr():
     """Released customized_lr_scheduler: `if warmup_steps > 0: ... else: return 1` (099127a:rrcm/utils.py:311,
     323): without warm-up there is no cosine either, in pre-training (steps) and fine-tuning (epochs)."""
@@ -57,6 +59,7 @@ def test_pretrain_recipes_per_dataset():
     assert pretrain.parse_args(["--dataset", "imagenet", "--preset", "B-Deep"]).lr == 1e-4
 
 
+@pytest.mark.quick
 def test_ema_rate_against_closed_forms():
     """ema(k) = s + (e - s) c with c = 2 sigmoid(A (r - s) / (e - s)) - 1 = tanh(A (r - s) / (2 (e - s))), where
     r = sqrt(k / K (e^2 - s^2) + s^2). At k = K (r = e) c = tanh(A / 2); where r = (s + e) / 2, which is
@@ -84,6 +87,7 @@ LOGGED_LR = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("dataset, sigma", LOGGED_LR)
 def test_finetune_schedule_reproduces_the_logged_lr(dataset, sigma):
     """The logs run LambdaLR.step() after each epoch and print get_last_lr(): the line of epoch e holds the lr
@@ -177,6 +181,7 @@ def test_mixing_draws_eight_lambdas_per_step_like_the_authors_8_processes(shards
 # ----------------------------------------------------------------------------------------------------
 # Time input and classifier
 
+@pytest.mark.quick
 @pytest.mark.parametrize("sigma, t", [(0.25, 0.4927), (0.5, 0.9654), (1.0, 2.0036)])
 def test_smoothing_time_snaps_to_the_81_point_grid(sigma, t):
     assert model.smoothing_time(sigma) == pytest.approx(t, abs=1e-4)
@@ -203,6 +208,7 @@ def test_cifar_classifier_reads_the_raw_class_token():
         assert (not torch.allclose(before, after)) == changes
 
 
+@pytest.mark.quick
 def test_head_init_is_near_zero():
     """trunc_normal_(std=2e-5) truncates at +-2 in absolute terms (timm's and PyTorch's default), so in effect
     a normal of std 2e-5; the bias starts at 0."""
@@ -266,6 +272,7 @@ def test_pretrain_refuses_a_batch_of_one_and_temperatures_out_of_range():
 # ----------------------------------------------------------------------------------------------------
 # Mixup / label smoothing loss: the hard-label form equals CE against the explicit soft target
 
+@pytest.mark.quick
 def test_classification_loss_equals_soft_target_cross_entropy():
     torch.manual_seed(0)
     logits, y_a, y_b = torch.randn(5, 7, dtype=torch.float64), torch.tensor([0, 3, 6, 2, 2]), torch.tensor([1, 3, 0, 5, 4])
@@ -288,7 +295,7 @@ def closed_form_counts(width, depth, proj_hidden, img, patch, classes, proj_dim=
 
 
 @pytest.mark.parametrize("preset, dataset, hidden", [
-    ("S", "cifar10", 2048), ("B", "cifar10", 2048), ("B-Deep", "cifar10", 4096),
+    pytest.param("S", "cifar10", 2048, marks=pytest.mark.quick), ("B", "cifar10", 2048), ("B-Deep", "cifar10", 4096),
     ("S", "imagenet", 2048), ("B", "imagenet", 4096), ("B-Deep", "imagenet", 4096),
 ])
 def test_parameter_counts(preset, dataset, hidden):

@@ -23,12 +23,14 @@ def clopper_pearson_upper(k, n, alpha):
     return 1.0 if k == n else brentq(lambda p: binom.cdf(k, n, p) - alpha, 1e-15, 1 - 1e-15, xtol=1e-14)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("k,n,alpha", [(1, 10, 0.05), (990, 1000, 0.001), (50, 100, 0.001), (100000, 100000, 0.001), (0, 100, 0.001)])
 def test_confidence_bounds_are_clopper_pearson(k, n, alpha):
     assert abs(smoothing.lower_confidence_bound(k, n, alpha) - clopper_pearson_lower(k, n, alpha)) < 1e-9
     assert abs(smoothing.upper_confidence_bound(n - k, n, alpha) - clopper_pearson_upper(n - k, n, alpha)) < 1e-9
 
 
+@pytest.mark.quick
 def test_certify_from_counts_closed_form():
     sigma, n, alpha = 0.5, 1000, 0.001
     counts0 = np.array([3, 90, 7])
@@ -40,6 +42,7 @@ def test_certify_from_counts_closed_form():
     assert smoothing.largest_radius(n, alpha, sigma) == pytest.approx(sigma * norm.ppf(alpha ** (1 / n)), abs=1e-9)
 
 
+@pytest.mark.quick
 def test_predict_uses_binomial_test():
     assert binomtest(60, 95, 0.5).pvalue > 0.001 and binomtest(80, 95, 0.5).pvalue < 0.001
     assert smoothing.predict_from_counts(np.array([5, 60, 35]), 0.001) == smoothing.ABSTAIN  # p-value of 60 vs 35 is 0.013
@@ -140,6 +143,7 @@ def test_adaptive_certify_of_the_linear_classifier_goes_through_the_public_api()
         smoothing.Smooth(f, 2, 0.25).certify_adaptive(x, 100, plan, key=4)
 
 
+@pytest.mark.quick
 def test_counts_do_not_depend_on_batch_size_and_each_key_has_its_own_noise():
     f = linear_classifier()
     x = at_distance(f, 0.05)

@@ -165,6 +165,7 @@ STATISTICS = [
 ]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("call,message", [m[1:] for m in MISUSES + STATISTICS], ids=[m[0] for m in MISUSES + STATISTICS])
 def test_a_misuse_is_refused_in_one_line_naming_it(call, message):
     F.eval()  # "trained after Smooth was made" puts it in train mode
@@ -177,6 +178,7 @@ def test_a_misuse_is_refused_in_one_line_naming_it(call, message):
     assert message in said and "\n" not in said, said
 
 
+@pytest.mark.quick
 def test_key_is_required_and_named_by_an_integer():
     """No default (key 0 for every input gave every input the same noise); numpy integers are the same key."""
     with pytest.raises(TypeError, match="key"):
@@ -258,6 +260,7 @@ def test_fp16_autocast_runs():
     assert smoothing.Smooth(F, C, SIGMA, autocast=torch.float16).certify(X, 100, 1000, ALPHA, key=1)[0] == 0
 
 
+@pytest.mark.quick
 def test_a_plan_says_which_radii_are_beyond_reach():
     plan = smoothing.AdaptivePlan(100_000, ALPHA, 0.25, [0, 0.25, 0.5, 0.75, 1.0, 2.0])
     assert plan.radii == [0.0, 0.25, 0.5, 0.75] and plan.beyond == [1.0, 2.0]
