@@ -15,6 +15,7 @@ from conftest import ROOT
 ROWS = "0\t1\t1\t0.3\t1\t1.0\n1\t2\t2\t0.8\t1\t1.0\n2\t0\t-1\t0.0\t0\t1.0\n3\t0\t1\t0.9\t0\t1.0\n"
 
 
+@pytest.mark.quick
 def test_report_table_and_envelope(tmp_path):
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
     a.write_text(results.HEADER + "\n" + ROWS)
@@ -52,6 +53,7 @@ def test_envelope_row_lines_up_with_the_header(names):
         assert column_ends(line)[label_words:label_words + 5] == radii_ends[:5], f"\n{lines[0]}\n{line}"
 
 
+@pytest.mark.quick
 def test_reads_fixed_and_adaptive_files(tmp_path):
     fixed, adaptive = tmp_path / "f.tsv", tmp_path / "a.tsv"
     fixed.write_text(results.HEADER + "\n" + ROWS)
@@ -65,6 +67,7 @@ def test_reads_fixed_and_adaptive_files(tmp_path):
 GOOD = results.HEADER + "\n" + ROWS
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("text,problem", [
     (GOOD + "4\t1\tx\t0.5\t0\t1.0\n", "line 6: predict 'x' is not an integer"),
     (GOOD + "4\t1\t1\t0.5\n", "line 6: 4 columns, expected 6"),
