@@ -95,8 +95,9 @@ def test_adaptive_flags_are_checked(argv, message):
 
 def test_adaptive_flags_parse():
     args = certify.parse_args(["--adaptive", "--n", "500", "--stages", "100,200,900", "--radii", "0.5,0,0.25"])
-    assert args.stages == [100, 200, 500] and args.radii == [0.0, 0.25, 0.5]  # looks at or above n are n itself
-    assert certify.parse_args(["--adaptive", "--n", "10000"]).stages == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
+    assert certify.looks(args) == [100, 200, 500] and args.radii == [0.0, 0.25, 0.5]  # looks at or above n are n itself
+    assert args.stages == [100, 200, 900]  # the flag as given: parsing changes no flag
+    assert certify.looks(certify.parse_args(["--adaptive", "--n", "10000"])) == [100, 200, 400, 800, 1600, 3200, 6400, 10_000]
 
 
 @pytest.mark.quick
