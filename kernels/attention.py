@@ -10,7 +10,7 @@ inside the kernel). fp32, fp16 and bf16 inputs; all accumulation in fp32.
 
 fp32 products are 3xTF32 (launch.dot), bf16 and fp16 ones go to the tensor cores as they are.
 Autotune configs below are an untuned first guess: no GPU has been available to tune them yet; they are
-only known to compile without spills (see bench/README.md). Under TRITON_INTERPRET=1 (CPU tests) the
+only known to compile without spills (see bench/gpu_builds.md). Under TRITON_INTERPRET=1 (CPU tests) the
 first config is used as is.
 """
 import math
@@ -26,7 +26,7 @@ LOG2E = 1.4426950408889634
 # (BLOCK_M query rows, BLOCK_N key rows, warps, stages) of each kernel. Unmeasured guesses (no GPU has run
 # them yet), kept to those that compile without register spills for sm_80 and sm_90a, in bf16 and in fp32
 # (3xTF32, launch.dot: about twice bf16's registers per tile), at head dims 32 and 64, under
-# Triton 3.6 and 3.9 (tests/test_gpu_compile.py; bench/README.md has the table). What spilled: 32 x 32 with
+# Triton 3.6 and 3.9 (tests/test_gpu_compile.py; bench/gpu_builds.md has the table). What spilled: 32 x 32 with
 # 4 warps in the forward (bf16, D_PAD 32, sm_80, Triton 3.6), and every dk/dv tile over 16 x 32 or 32 x 16
 # in fp32. Larger bf16 tiles compile but would need their own fp32 list; a GPU measurement should decide.
 FWD_CONFIGS = [(64, 16, 4, 2), (32, 16, 4, 2)]

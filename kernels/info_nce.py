@@ -14,7 +14,7 @@ The sums are one kernel run twice (rows = queries, then rows = keys); the positi
 and done in torch. q and k may come in different dtypes (a bf16 query under autocast, fp32 gathered keys):
 both are cast to the wider one before launch; the loss comes back in fp32. fp32 products are 3xTF32
 (launch.dot). Autotune configs are a first guess, not yet tuned on a GPU, only known to compile
-without spills (see bench/README.md).
+without spills (see bench/gpu_builds.md).
 """
 import torch
 import triton
@@ -26,7 +26,7 @@ LOG2E = 1.4426950408889634
 
 # Unmeasured guesses (no GPU has run them yet), kept to those that compile without register spills for sm_80
 # and sm_90a in bf16 and in fp32 (3xTF32, launch.dot), under Triton 3.6 and 3.9
-# (tests/test_gpu_compile.py; bench/README.md has the table). In fp32, 64 x 128 x 64 (lse) and 64 x 64 x 64
+# (tests/test_gpu_compile.py; bench/gpu_builds.md has the table). In fp32, 64 x 128 x 64 (lse) and 64 x 64 x 64
 # x 128 (weighted sum) spilled; a 32-wide reduction chunk is what fits. The first config is the
 # interpreter's: small, so the CPU tests loop over several tiles.
 # (BLOCK_R rows, BLOCK_C columns, BLOCK_D reduction chunk, warps, stages)

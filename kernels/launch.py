@@ -40,7 +40,7 @@ def dot(a, b):
     three tensor-core products are summed in fp32. Its error is fp32's own (a CPU emulation of products over
     64 to 768 terms: 1e-7 of the sum of |products|, as fp32; plain TF32, Triton's default for fp32, gives
     1e-4, fp16's 10-bit mantissa). IEEE fp32 ("ieee": FMA, no tensor cores) spilled registers in every
-    attention dk/dv config we compiled, down to 16 x 16 tiles (bench/README.md). bf16 and fp16 tiles go to
+    attention dk/dv config we compiled, down to 16 x 16 tiles (bench/gpu_builds.md). bf16 and fp16 tiles go to
     the tensor cores as they are ("tf32" changes nothing for 16-bit operands). The dtype is known when the
     kernel is compiled, so only one branch is compiled in. (The interpreter ignores input_precision.)"""
     if a.dtype == tl.float32:
