@@ -22,7 +22,7 @@
 # one experiment.
 #
 #   bash bench/ablations.sh                     # every stage in order; re-running skips what finished
-#   bash bench/ablations.sh pretrain            # one stage: pretrain, finetune, certify, report
+#   bash bench/ablations.sh pretrain probe      # stages, in the order given: pretrain, probe, finetune, certify, report
 #   SCALE=smoke bash bench/ablations.sh         # the whole pipeline at toy scale, in minutes (a check, not a result)
 #
 # Outputs under OUT (checkpoints, logs, TSVs); the small text results (the tables, the wall times) in RESULTS,
@@ -98,20 +98,24 @@ certify() {  # an interrupted certification continues: certify.py skips the imag
   done
 }
 
-report() {
-  local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
-  python report.py $tsvs > "$RESULTS/certified.txt"
-  python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
+probe() {  # needs only the pre-trained encoders: its table and figure come before any fine-tuning
   run probe python linear_probe.py --data-dir "$DATA" --kernels torch --train-images "$PROBE_TRAIN" \
     --test-images "$PROBE_TEST" --epochs "$PROBE_EPOCHS" --plot "$FIGURE" \
     --checkpoint $(for arm in $ARMS; do echo "$OUT/$arm/ckpt.pt"; done)
   sed -n '/^ *accuracy (%)/,$p' "$OUT/logs/probe.log" > "$RESULTS/probe.txt"
-  cat "$RESULTS/certified.txt" "$RESULTS/compare.txt" "$RESULTS/probe.txt"
+  cat "$RESULTS/probe.txt"
 }
 
-for stage in ${1:-pretrain finetune certify report}; do
+report() {
+  local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
+  python report.py $tsvs > "$RESULTS/certified.txt"
+  python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
+  cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"
+}
+
+for stage in ${@:-pretrain probe finetune certify report}; do
   case $stage in
-    pretrain | finetune | certify | report) "$stage" ;;
-    *) echo "usage: bash bench/ablations.sh [pretrain|finetune|certify|report]" >&2; exit 2 ;;
+    pretrain | probe | finetune | certify | report) "$stage" ;;
+    *) echo "usage: bash bench/ablations.sh [pretrain|probe|finetune|certify|report ...]" >&2; exit 2 ;;
   esac
 done
