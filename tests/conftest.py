@@ -1,6 +1,7 @@
 """Shared test set-up. TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here."""
 import os
 import pickle
+import subprocess
 import sys
 
 os.environ["TRITON_INTERPRET"] = "0" if os.environ.get("RRCM_TEST_GPU") == "1" else "1"  # 1: no GPU; see bench/gpu_check.py
@@ -96,6 +97,41 @@ def finetuned(cifar_dir, tmp_path_factory) -> str:
     return str(out / "ckpt.pt")
 
 
+# One torchrun for several runs: starting the launcher and two ranks costs ~8 s on 2 cores, and a process cannot
+# set gloo up twice, so the runs share one process group (each script's own join and leave become no-ops).
+RUNS_DRIVER = """import sys
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import jobs, trainer
+join, joined, leave = jobs.init_distributed, [], jobs.close_processes
+jobs.init_distributed = lambda *a: joined[0] if joined else joined.append(join(*a)) or joined[0]
+jobs.close_processes = trainer.close_processes = dist.barrier
+for script, argv in {runs!r}:
+    __import__(script.removesuffix(".py")).main(argv)
+    print(RUN_END, flush=True) if joined[0][0] == 0 else None
+leave()
+""".replace("RUN_END", repr("--- end of run ---"))
+
+
+def torchrun_runs(runs: list[tuple[str, list]], log_dir, env: dict | None = None) -> list[str]:
+    """Run each (script, argv) in turn in two processes under one torchrun, on the CPU (gloo) unless `env` says
+    otherwise; what was printed in each run (rank 0's lines fall in their run's part; another rank's may fall in a
+    neighbour's). On failure, the message holds each rank's own stderr (the launcher's summary cuts the cause)."""
+    driver = os.path.join(str(log_dir), "driver.py")
+    os.makedirs(str(log_dir), exist_ok=True)
+    with open(driver, "w") as f:
+        f.write(RUNS_DRIVER.format(root=ROOT, runs=runs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
+           os.path.join(str(log_dir), "ranks"), "--redirects", "2", "--tee", "1", driver]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, **(env if env is not None else {"CUDA_VISIBLE_DEVICES": ""})})
+    if result.returncode != 0:
+        errors = [open(os.path.join(d, f)).read()[-3000:] for d, _, files in os.walk(log_dir) for f in files if f == "stderr.log"]
+        raise AssertionError(f"torchrun exited {result.returncode}\n" + "\n---\n".join(errors) + result.stderr[-2000:])
+    out = "\n".join(line.split("]:", 1)[1] if line.startswith("[default") else line for line in result.stdout.splitlines())
+    return out.split("--- end of run ---")[:len(runs)]
+
+
 def refusal(script: str, argv: list) -> str:
     """Run a script's main() in this process the way its `__main__` block does, and return the message it
     exits with (a usage error, or argparse's one line); fails if it does not exit."""
@@ -118,6 +154,3 @@ def update_difference(a: dict, b: dict, start: dict) -> float:
     update = torch.cat([(b[k].float() - start[k].float()).flatten() for k in start])
     return (diff.norm() / update.norm()).item()
 
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "quick: the fast tier")

@@ -5,8 +5,6 @@ its members; then each objective trains through finetune.py, in one process and 
 unit tests build their own fp32 tensors; the script runs pass FAST's --precision fp32)."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,7 +16,7 @@ import certify
 import comparators
 import finetune
 import smoothing
-from conftest import FAST, ROOT, finetune_args, refusal, update_difference
+from conftest import FAST, finetune_args, refusal, torchrun_runs, update_difference
 from jobs import load_checkpoint, model_from_checkpoint
 from data import Images
 from model import ViT, to_model_space, vit_config
@@ -273,32 +271,11 @@ def test_defaults_are_the_papers_settings_for_dataset_and_sigma():
     assert comparators.passes(finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv"])) == (92, 4)
 
 
-# One torchrun for the three objectives: a process cannot set gloo up twice, so the runs share one process group
-DRIVER = """import sys
-sys.path.insert(0, {root!r})
-import torch
-import torch.distributed as dist
-import finetune, jobs, trainer
-first = jobs.init_distributed
-jobs.init_distributed = lambda *a: (dist.get_rank(), dist.get_world_size(), torch.device("cpu")) if dist.is_initialized() else first(*a)
-trainer.close_processes = dist.barrier
-for argv in {runs!r}:
-    finetune.main(argv)
-jobs.close_processes()
-"""
-
-
 def test_two_processes_train_each_objective_as_one_process_with_two_shards(cifar_dir, tmp_path):
     """Under torchrun (gloo) every objective trains, and agrees with one process drawing the same two shards: the
     attacks run on the bare model, the training forward through DDP."""
     flags = {o: [*TOY[o], *TWO_STEPS, "--shards", "2", "--objective", o] for o in comparators.COMPARATORS}
-    driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=ROOT, runs=[finetune_args(cifar_dir, tmp_path / f"two_{o}", *f) for o, f in flags.items()]))
-    logs = tmp_path / "logs"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
-                             str(logs), "--tee", "3", str(driver)], cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun_runs([("finetune.py", finetune_args(cifar_dir, tmp_path / f"two_{o}", *f)) for o, f in flags.items()], tmp_path / "logs")
     for o, f in flags.items():
         finetune.main(finetune_args(cifar_dir, tmp_path / f"one_{o}", *f))
         a, b = (load_checkpoint(str(tmp_path / f"{n}_{o}" / "ckpt.pt"), "finetune")["model"] for n in ("two", "one"))

@@ -1,5 +1,4 @@
 """torchrun on CPU (gloo, 2 processes), stopping on SIGINT/SIGTERM and resuming, non-finite losses, and wrong use."""
-import glob
 import os
 import re
 import signal
@@ -11,30 +10,8 @@ import torch
 
 import finetune
 import pretrain
-from conftest import FAST, ROOT, finetune_args, refusal, update_difference
+from conftest import FAST, ROOT, finetune_args, refusal, torchrun_runs, update_difference
 from jobs import load_checkpoint, save_checkpoint
-
-def torchrun(*argv, log_dir=None, flags=FAST):
-    """Two gloo processes on the CPU, also on a GPU machine (CUDA hidden: under RRCM_TEST_GPU=1 a one-GPU machine
-    would otherwise give rank 1 the missing cuda:1). Each rank's own output goes to
-    <log_dir>/.../rank_*/std{out,err}.log, so a failing rank's error can be shown whole (the launcher's summary
-    cuts it); see `rank_errors`."""
-    log_dir = log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), f"torchrun-{os.getpid()}")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(log_dir),
-           "--redirects", "2", "--tee", "1", "--", *argv, *flags]
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    result.log_dir = str(log_dir)
-    return result
-
-
-def rank_errors(result) -> str:
-    """What each rank wrote to stderr, for an assertion message."""
-    parts = [result.stderr[-1500:]]
-    for path in sorted(glob.glob(os.path.join(result.log_dir, "**", "stderr.log"), recursive=True)):
-        parts.append(f"--- {path}\n" + open(path, errors="replace").read()[-3000:])
-    return "\n".join(parts)
-
 
 def same_weights(a: dict, b: dict, atol: float = 0.0) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=atol) for k in a)
@@ -50,38 +27,32 @@ UPDATE_TOLERANCE = 1e-4
 
 def test_two_processes_train_like_one(cifar_dir, tmp_path):
     """Gradients averaged over ranks, InfoNCE negatives gathered from both, the projector's BatchNorm over the
-    global batch: a 2-process run equals a 1-process run with the same --shards (to float rounding)."""
-    flags = FAST
-    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "2", "--batch", "20", "--warmup", "1", "--log-every", "1"]
-    result = torchrun("pretrain.py", *pre, "--out", str(tmp_path / "pre2"), log_dir=tmp_path / "logs1", flags=flags)
-    assert result.returncode == 0, rank_errors(result)
-    assert result.stdout.count("step 2/2 |") == 1 and "precision fp32" in result.stdout  # only rank 0 logs
-    pretrain.main([*pre, "--out", str(tmp_path / "pre1"), "--shards", "2", *flags])
-    two, one = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "pretrain") for d in ("pre2", "pre1"))
-    assert two["step"] == 2 and two["config"]["shards"] == 2
+    global batch: a 2-process run equals a 1-process run with the same --shards (to float rounding), whole or in
+    micro-batches of 3 of each rank's 10 images (3, 3, 3, 1) with the gradients averaged by hand; fine-tuning too.
+    (tests/test_cluster.py checks the same equality after a rank is killed and restarted.)"""
+    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "2", "--batch", "20", "--warmup", "1", "--log-every", "1", *FAST]
+    ft = ["--init", str(tmp_path / "pre1" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
+          "--batch", "20", "--train-head", *FAST]
+    pretrain.main([*pre, "--out", str(tmp_path / "pre1"), "--shards", "2"])
+    printed = torchrun_runs([("pretrain.py", [*pre, "--out", str(tmp_path / "pre2")]),
+                             ("pretrain.py", [*pre, "--micro-batch", "3", "--out", str(tmp_path / "pre2m")]),
+                             ("finetune.py", [*ft, "--out", str(tmp_path / "ft2")])], tmp_path / "logs")
+    assert "".join(printed).count("step 2/2 |") == 2 and "precision fp32" in printed[0]  # only rank 0 logs
+    assert "".join(printed).count("epoch 1 | clean acc") == 1
+    one = load_checkpoint(str(tmp_path / "pre1" / "ckpt.pt"), "pretrain")
     torch.manual_seed(0)  # pretrain.py's initial weights: the target after step 1 at EMA rate 0.99 is not them
     start = pretrain.ViT(pretrain.vit_config("tiny", "cifar10")).state_dict()
-    for weights in ("model", "target"):
-        gap = update_difference(two[weights], one[weights], start)
-        assert gap < UPDATE_TOLERANCE, f"{weights}: updates differ by {gap:.2%}"
-    assert same_weights(two["model"], one["model"], 1e-5) and same_weights(two["target"], one["target"], 1e-5)
-    # micro-batches of 3 of each rank's 10 images (3, 3, 3, 1), gradients averaged by hand: the same step again
-    result = torchrun("pretrain.py", *pre, "--micro-batch", "3", "--out", str(tmp_path / "pre2m"), log_dir=tmp_path / "logs3", flags=flags)
-    assert result.returncode == 0, rank_errors(result)
-    micro = load_checkpoint(str(tmp_path / "pre2m" / "ckpt.pt"), "pretrain")
-    for weights in ("model", "target"):
-        gap = update_difference(micro[weights], one[weights], start)
-        assert gap < UPDATE_TOLERANCE, f"micro-batched {weights}: updates differ by {gap:.2%}"
+    for run in ("pre2", "pre2m"):
+        two = load_checkpoint(str(tmp_path / run / "ckpt.pt"), "pretrain")
+        assert two["step"] == 2 and two["config"]["shards"] == 2
+        for weights in ("model", "target"):
+            gap = update_difference(two[weights], one[weights], start)
+            assert gap < UPDATE_TOLERANCE, f"{run} {weights}: updates differ by {gap:.2%}"
+        assert same_weights(two["model"], one["model"], 1e-5) and same_weights(two["target"], one["target"], 1e-5)
 
-    ft = ["--init", str(tmp_path / "pre1" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
-          "--batch", "20", "--train-head"]
-    result = torchrun("finetune.py", *ft, "--out", str(tmp_path / "ft2"), log_dir=tmp_path / "logs2", flags=flags)
-    assert result.returncode == 0, rank_errors(result)
-    assert result.stdout.count("epoch 1 | clean acc") == 1
-    finetune.main([*ft, "--out", str(tmp_path / "ft1"), "--shards", "2", *flags])
+    finetune.main([*ft, "--out", str(tmp_path / "ft1"), "--shards", "2"])
     two, one = (load_checkpoint(str(tmp_path / d / "ckpt.pt"), "finetune")["model"] for d in ("ft2", "ft1"))
-    start = load_checkpoint(str(tmp_path / "pre1" / "ckpt.pt"), "pretrain")["model"]
-    gap = update_difference(two, one, start)
+    gap = update_difference(two, one, load_checkpoint(str(tmp_path / "pre1" / "ckpt.pt"), "pretrain")["model"])
     assert gap < UPDATE_TOLERANCE, f"fine-tuning updates differ by {gap:.2%}"
     assert same_weights(two, one, 1e-5)
 

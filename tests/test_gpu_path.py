@@ -15,9 +15,6 @@ Under RRCM_TEST_GPU=1 the one-process runs use the GPU; the two-process runs use
 else the CPU with the interpreter (one GPU cannot hold two NCCL ranks).
 """
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +23,7 @@ from torch._dynamo.utils import counters
 import certify
 import finetune
 import pretrain
-from conftest import ROOT, update_difference
+from conftest import torchrun_runs, update_difference
 from jobs import load_checkpoint
 from model import ViT, vit_config
 
@@ -42,18 +39,12 @@ UPDATE_TOLERANCE = 0.15    # || update_bf16 - update_fp32 || / || update_fp32 ||
                            # 5.4 % / 2.3 % for pre-training in 1 / 2 processes, 5.4 % / 4.7 % for fine-tuning)
 
 
-def torchrun(*argv: str, log_dir) -> subprocess.CompletedProcess:
-    """Two processes running the GPU defaults; on failure the message holds each rank's own stderr."""
-    env = dict(os.environ)
-    if not (torch.cuda.is_available() and torch.cuda.device_count() >= 2):
-        env |= {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}  # CPU, gloo, the interpreter
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(log_dir),
-           "--redirects", "2", "--tee", "1", "--", *argv]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    if result.returncode != 0:
-        errors = [open(os.path.join(d, f)).read()[-3000:] for d, _, files in os.walk(log_dir) for f in files if f == "stderr.log"]
-        raise AssertionError(f"torchrun exited {result.returncode}\n" + "\n---\n".join(errors) + result.stderr[-2000:])
-    return result
+def two_process_env() -> dict:
+    """Two processes run the GPU defaults on two GPUs where there are two, else on the CPU with gloo and the
+    interpreter (one GPU cannot hold two NCCL ranks)."""
+    if torch.cuda.is_available() and torch.cuda.device_count() >= 2:
+        return {}
+    return {"CUDA_VISIBLE_DEVICES": "", "TRITON_INTERPRET": "1"}
 
 
 def logged(out: str, step: str, names: tuple[str, ...]) -> dict[str, float]:
@@ -80,13 +71,14 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def run(script: str, argv: list, flags: list, processes: int, log_dir) -> str:
-    """What the script printed, run in this process or under torchrun."""
-    if processes == 1:
-        with one_thread():
-            {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[script]([*argv, *flags])
-        return ""
-    return torchrun(script, *argv, *flags, log_dir=log_dir).stdout
+def run(runs: list[tuple[str, list]], processes: int, log_dir) -> list[str]:
+    """What each (script, argv) printed, run in this process or under one torchrun."""
+    if processes == 2:
+        return torchrun_runs(runs, log_dir, two_process_env())
+    with one_thread():
+        for script, argv in runs:
+            {"pretrain.py": pretrain.main, "finetune.py": finetune.main}[script](argv)
+    return ["" for _ in runs]
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -96,34 +88,35 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     with 2 images each compile the graphs one process with 2 images compiled: Inductor's cache serves them."""
     batch = ["--batch", str(2 * processes), "--shards", str(processes), "--log-every", "1"]
     pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "1", "--warmup", "0", *batch]
-    terms = ("consistency", "contrastive")
+    ft = ["--init", str(tmp_path / "pre_ref" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
+          "--train-images", str(2 * processes), "--eval-images", "4", "--train-head", *batch]
+    pre_terms, ft_terms = ("consistency", "contrastive"), ("loss", "ce", "kl", "entropy")
+    # the reference path in this process; fine-tuning starts from the reference's pre-trained weights, so that
+    # it compares one step of 2 noisy copies per image from the same weights
     pretrain.main([*pre, "--out", str(tmp_path / "pre_ref"), *REFERENCE])
-    ref = logged(capsys.readouterr().out, "step 1/1", terms)
+    pre_ref = logged(capsys.readouterr().out, "step 1/1", pre_terms)
+    finetune.main([*ft, "--out", str(tmp_path / "ft_ref"), *REFERENCE])
+    ft_ref = logged(capsys.readouterr().out, "step 1/1", ft_terms)
     counters.clear()
-    printed = run("pretrain.py", [*pre, "--out", str(tmp_path / "pre_gpu")], GPU_DEFAULTS, processes, tmp_path / "l1")
-    printed += capsys.readouterr().out
-    assert f"{processes} process(es) on cpu | precision bf16 | kernels triton" in printed.replace("[default0]:", "")
-    gpu = logged(printed, "step 1/1", terms)
-    assert close(gpu, ref, LOSS_TOLERANCE), (ref, gpu)
+    printed = run([("pretrain.py", [*pre, "--out", str(tmp_path / "pre_gpu"), *GPU_DEFAULTS]),
+                   ("finetune.py", [*ft, "--out", str(tmp_path / "ft_gpu"), *GPU_DEFAULTS])], processes, tmp_path / "logs")
+    if processes == 1:
+        out = capsys.readouterr().out
+        printed = [out[:out.index("finetune.py |")], out[out.index("finetune.py |"):]]
+    assert f"{processes} process(es) on cpu | precision bf16 | kernels triton" in printed[0]
+    pre_gpu, ft_gpu = logged(printed[0], "step 1/1", pre_terms), logged(printed[1], "step 1/1", ft_terms)
+    assert close(pre_gpu, pre_ref, LOSS_TOLERANCE), (pre_ref, pre_gpu)
+    assert close(ft_gpu, ft_ref, LOSS_TOLERANCE), (ft_ref, ft_gpu)
+    if processes == 1:  # one block graph per grad mode and shape, whatever the depth: pre-training's 3, fine-tuning's
+        # training shape 1 more (its evaluation reuses a no-grad one). A graph per block would be 4x as many, and
+        # past Dynamo's recompile limit (8) the blocks would run eagerly after one warning; none: nothing compiled.
+        assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
     torch.manual_seed(0)  # pretrain.py's initial weights (seed 0)
     start = ViT(vit_config("tiny", "cifar10")).state_dict()
     runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "pretrain") for name in ("pre_ref", "pre_gpu")}
     gap = update_difference(runs["pre_gpu"]["model"], runs["pre_ref"]["model"], start)
     assert gap < UPDATE_TOLERANCE, f"pre-training updates differ by {gap:.1%}"
-
-    # Fine-tuning from the reference's pre-trained weights: one step of 2 noisy copies per image, then evaluation.
-    ft = ["--init", str(tmp_path / "pre_ref" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
-          "--train-images", str(2 * processes), "--eval-images", "4", "--train-head", *batch]
-    terms = ("loss", "ce", "kl", "entropy")
-    finetune.main([*ft, "--out", str(tmp_path / "ft_ref"), *REFERENCE])
-    ref = logged(capsys.readouterr().out, "step 1/1", terms)
-    printed = run("finetune.py", [*ft, "--out", str(tmp_path / "ft_gpu")], GPU_DEFAULTS, processes, tmp_path / "l2")
-    gpu = logged(printed + capsys.readouterr().out, "step 1/1", terms)
-    assert close(gpu, ref, LOSS_TOLERANCE), (ref, gpu)
-    if processes == 1:  # one block graph per grad mode and shape, whatever the depth: pre-training's 3, fine-tuning's
-        # training shape 1 more (its evaluation reuses a no-grad one). A graph per block would be 4x as many, and
-        # past Dynamo's recompile limit (8) the blocks would run eagerly after one warning; none: nothing compiled.
-        assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
     start = runs["pre_ref"]["model"]
     runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "finetune")["model"] for name in ("ft_ref", "ft_gpu")}
     gap = update_difference(runs["ft_gpu"], runs["ft_ref"], start)
@@ -136,16 +129,17 @@ def rows(tsv) -> list[list[str]]:
 
 
 def test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_processes(confident, cifar_dir, tmp_path):
-    """Certify two images with 10 + 10 samples each: the GPU path gives the same certificates as the reference,
+    """Certify two images with 4 + 4 samples each at alpha 0.1 (the interpreter runs each attention program in
+    Python, so the samples are what this test costs): the GPU path gives the same certificates as the reference,
     and two processes give the same file as one."""
-    argv = ["--checkpoint", confident, "--data-dir", cifar_dir, "--n0", "10", "--n", "10", "--num", "2", "--skip", "7",
-            "--batch", "100", "--sigma", "0.12"]
+    argv = ["--checkpoint", confident, "--data-dir", cifar_dir, "--n0", "4", "--n", "4", "--alpha", "0.1", "--num", "2",
+            "--skip", "7", "--batch", "100", "--sigma", "0.12"]
     certify.main([*argv, "--out", str(tmp_path / "ref.tsv"), *REFERENCE])
     with one_thread():
         certify.main([*argv, "--out", str(tmp_path / "gpu1.tsv"), *GPU_DEFAULTS])
-    torchrun("certify.py", *argv, "--out", str(tmp_path / "gpu2.tsv"), *GPU_DEFAULTS, log_dir=tmp_path / "l3")
+    torchrun_runs([("certify.py", [*argv, "--out", str(tmp_path / "gpu2.tsv"), *GPU_DEFAULTS])], tmp_path / "logs", two_process_env())
     ref, gpu1, gpu2 = (rows(tmp_path / f"{name}.tsv") for name in ("ref", "gpu1", "gpu2"))
     assert gpu2 == gpu1
     assert [r[:3] for r in gpu1] == [r[:3] for r in ref] and all(r[2] != "-1" for r in ref), (ref, gpu1)
-    # 10 of 10 samples agreeing certify sigma Phi^-1(0.001^(1/10)) = 0.0003; one flipped sample would abstain.
+    # 4 of 4 samples agreeing certify sigma Phi^-1(0.1^(1/4)) = 0.019; one flipped sample would abstain.
     assert all(abs(float(a[3]) - float(b[3])) < 1e-3 for a, b in zip(gpu1, ref)), (ref, gpu1)
