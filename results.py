@@ -102,6 +102,8 @@ def check_radii(path: str, radius: np.ndarray) -> None:
     """With the sidecar's sigma, n and alpha, refuse radii that no run of that configuration can certify: a
     file edited by hand, or from another configuration."""
     meta = read_config(path)
+    if meta is None:
+        return  # no sidecar (and no torch to import for it)
     try:
         from smoothing import largest_radius  # here only: reading needs numpy alone, smoothing needs torch
         bound = largest_radius(int(meta["n"]), float(meta["alpha"]), float(meta["sigma"]))  # 0: abstentions only

@@ -11,6 +11,11 @@ os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 # The interpreter multiplies tile-sized numpy arrays (128 x 64 at most): BLAS threads gain nothing there and,
 # beside torch's own thread pool, spin and contend for the 2 cores (the GPU-path tests ran 2-4x slower with them).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# Under pytest-xdist (-n) the workers share the cores: one torch thread each, or their thread pools spin against
+# each other (a tiny training test ran 4x slower with 2 workers x 2 threads on 2 cores). Scripts the tests start
+# inherit it, as torchrun's ranks get it anyway.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

@@ -84,12 +84,12 @@ def assert_same_run(got: dict, want: dict, start: dict, parts=("model",)) -> Non
         assert gap < UPDATE_TOLERANCE, f"{part}: updates differ by {gap:.2%}"
 
 
-PRETRAIN_STEPS = 8
+PRETRAIN_STEPS = 6
 
 
 def pretrain_argv(cifar_dir, out, *extra) -> list:
     return ["pretrain.py", "--data-dir", cifar_dir, "--out", str(out), "--preset", "tiny", "--steps", str(PRETRAIN_STEPS),
-            "--batch", "20", "--warmup", "1", "--log-every", "1", "--save-every", "2", "--shards", "2", *FAST, *extra]
+            "--batch", "8", "--warmup", "1", "--log-every", "1", "--save-every", "2", "--shards", "2", *FAST, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def pretrained(cifar_dir, tmp_path_factory) -> tuple[dict, dict]:
 
 def test_a_rank_killed_under_max_restarts_is_restarted_and_the_run_ends_as_if_uninterrupted(pretrained, cifar_dir, tmp_path):
     """torchrun --max-restarts=1, rank 1 SIGKILLed after step 3: both ranks start again with the same command
-    line, from the last checkpoint, and the weights at step 8 are those of an uninterrupted run. Checkpoints come
+    line, from the last checkpoint, and the weights at step 6 are those of an uninterrupted run. Checkpoints come
     every step by wall time (--save-minutes 1e-6, decided by rank 0 for both), and rank 0 saves the
     step it finished when it finds its peer gone: the restart loses no step it could keep."""
     launcher = torchrun(pretrain_argv(cifar_dir, tmp_path / "run", "--save-minutes", "1e-6"), tmp_path, restarts=1)
@@ -164,7 +164,8 @@ def test_finetuning_restarted_by_torchrun_then_requeued_ends_as_if_uninterrupted
     sends before its kill (the processes finish the step, save and exit); then the same command again, as a
     requeued batch script runs it. The weights at step 6 are an uninterrupted run's."""
     import finetune
-    argv = lambda out: finetune_args(cifar_dir, out, "--epochs", "2", "--save-every", "2", "--log-every", "1", "--shards", "2")
+    argv = lambda out: finetune_args(cifar_dir, out, "--epochs", "2", "--save-every", "2", "--log-every", "1", "--shards", "2",
+                                     "--train-images", "24", "--batch", "8", "--eval-images", "4")
     launcher = torchrun(["finetune.py", *argv(tmp_path / "run")], tmp_path, restarts=1)
     try:
         wait_for(lambda: "step 2/6 |" in text(launcher.out), "step 2", launcher)
