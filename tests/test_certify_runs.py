@@ -199,9 +199,10 @@ def test_certify_at_another_sigma_feeds_that_noise_and_the_snapped_time(finetune
 
 def test_bf16_certification_is_reproducible(finetuned, cifar_dir, tmp_path):
     """bf16 autocast is another deterministic base classifier: the same command gives the same TSV. (One image,
-    n = 100: bf16 is emulated, five times slower than fp32, on CPUs without AMX/AVX512-BF16 like this one.)"""
+    n0 = n = 20: bf16 is emulated, and slow, on CPUs without AMX or AVX512-BF16.)"""
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    argv = lambda out: certify_args(finetuned, cifar_dir, out, "--precision", "bf16", "--num", "1", "--n", "100", "--batch", "100")
+    argv = lambda out: certify_args(finetuned, cifar_dir, out, "--precision", "bf16", "--num", "1", "--n0", "20", "--n", "20",
+                                    "--batch", "100")
     printed = run_quietly(argv(a))
     run_quietly(argv(b))
     assert "precision bf16" in printed and rows_without_time(a) == rows_without_time(b)
