@@ -361,12 +361,14 @@ def pretrain_command(plan: dict, work: str) -> list[str]:
 
 def e2e_commands(plan: dict, work: str, kernels: str) -> list[list[str]]:
     """Pre-train, fine-tune and certify the tiny preset with these kernels (training with the plan's train_kernels
-    where it names them), in work/<kernels>/."""
-    out, train = os.path.join(work, kernels), plan["e2e"]["train_kernels"] or kernels
-    steps = [["pretrain.py", "--preset", "tiny", *plan["e2e"]["pretrain"], "--out", os.path.join(out, "pretrain")],
-             ["finetune.py", "--init", os.path.join(out, "pretrain", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["finetune"],
-              "--out", os.path.join(out, "finetune")],
-             ["certify.py", "--checkpoint", os.path.join(out, "finetune", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["certify"],
+    where it names them), in work/<kernels>/. Training with the same kernels for both is the same commands, in
+    work/<train_kernels>/: section_e2e runs them once."""
+    train = plan["e2e"]["train_kernels"] or kernels
+    out, trained = os.path.join(work, kernels), os.path.join(work, train)
+    steps = [["pretrain.py", "--preset", "tiny", *plan["e2e"]["pretrain"], "--out", os.path.join(trained, "pretrain")],
+             ["finetune.py", "--init", os.path.join(trained, "pretrain", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["finetune"],
+              "--out", os.path.join(trained, "finetune")],
+             ["certify.py", "--checkpoint", os.path.join(trained, "finetune", "ckpt.pt"), "--sigma", "0.25", *plan["e2e"]["certify"],
               "--out", os.path.join(out, "certify.tsv")]]
     return [[sys.executable, *step, "--data-dir", work, "--kernels", kernels if step[0] == "certify.py" else train]
             for step in steps]
@@ -424,16 +426,19 @@ def section_e2e(s: Section) -> tuple[str, str]:
     if s.data_dir is None:
         return "not run", "needs --data-dir with CIFAR-10 (cifar-10-batches-py/ with data_batch_1 and test_batch at least)"
     images = partial_cifar(s.data_dir, s.work)
-    rows, lines = [], []
+    rows, lines, commands_run = [], [], []
     for kernels in ("triton", "torch"):
         start = time.perf_counter()
         for cmd in e2e_commands(s.plan, s.work, kernels):
+            if cmd in commands_run:  # training shared by both pipelines (the toy plan trains with PyTorch's kernels)
+                continue
+            commands_run.append(cmd)
             ran = s.run(cmd, interpret=kernels == "triton" and not s.gpu)
             if not ran.ok:
                 done = "".join(f"- {line}\n" for line in lines)
                 return status_of(ran), f"{done}\n`{' '.join(cmd[1:])}` {'was cut off' if ran.timed_out else 'failed'}:\n\n" + tail(ran.output)
             if cmd[1] == "finetune.py":
-                lines.append(f"{kernels}: " + next((l for l in reversed(ran.output.splitlines()) if l.startswith("epoch")), "?"))
+                lines.append(f"trained with {cmd[-1]}: " + next((l for l in reversed(ran.output.splitlines()) if l.startswith("epoch")), "?"))
         rows.append((kernels, os.path.join(s.work, kernels, "certify.tsv"), time.perf_counter() - start))
     import report
     import results
