@@ -1,4 +1,5 @@
 """Shared test set-up. TRITON_INTERPRET must be set before triton is imported anywhere, so it is set here."""
+import fcntl
 import os
 import pickle
 import subprocess
@@ -49,11 +50,24 @@ def write_cifar(folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0)
             pickle.dump(batch(n), f, protocol=4)
 
 
+def built_once(tmp_path_factory, name: str, build) -> str:
+    """The folder `name` made by build(folder) once per test run: under pytest-xdist the first worker that asks
+    builds it, the others wait for it and reuse it (the confident classifier takes 10 s to train)."""
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if "PYTEST_XDIST_WORKER" in os.environ else root  # the workers' folders share a parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / "built").exists():
+            folder.mkdir(exist_ok=True)
+            build(str(folder))
+            (folder / "built").touch()
+    return str(folder)
+
+
 @pytest.fixture(scope="session")
 def cifar_dir(tmp_path_factory) -> str:
-    folder = str(tmp_path_factory.mktemp("cifar"))
-    write_cifar(folder)
-    return folder
+    return built_once(tmp_path_factory, "cifar", write_cifar)
 
 
 @pytest.fixture
@@ -86,20 +100,17 @@ def confident(cifar_dir, tmp_path_factory) -> str:
     """A tiny classifier trained until it gets the synthetic classes right under noise sigma 0.12 (eager fp32,
     8 epochs of 3 steps, each logged): test_pipeline reads its losses, test_gpu_path certifies with it."""
     import finetune
-    out = tmp_path_factory.mktemp("confident")
-    finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", str(out), "--sigma", "0.12",
-                   "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1", "--batch", "20", "--lr", "1e-3",
-                   "--log-every", "1", *FAST])
-    return str(out / "ckpt.pt")
+    build = lambda out: finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", out,
+                                       "--sigma", "0.12", "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1",
+                                       "--batch", "20", "--lr", "1e-3", "--log-every", "1", *FAST])
+    return os.path.join(built_once(tmp_path_factory, "confident", build), "ckpt.pt")
 
 
 @pytest.fixture(scope="session")
 def finetuned(cifar_dir, tmp_path_factory) -> str:
     """A tiny fine-tuned checkpoint (one epoch from scratch) shared by the certification tests."""
     import finetune
-    out = tmp_path_factory.mktemp("ft")
-    finetune.main(finetune_args(cifar_dir, out))
-    return str(out / "ckpt.pt")
+    return os.path.join(built_once(tmp_path_factory, "ft", lambda out: finetune.main(finetune_args(cifar_dir, out))), "ckpt.pt")
 
 
 # One torchrun for several runs: starting the launcher and two ranks costs ~8 s on 2 cores, and a process cannot
