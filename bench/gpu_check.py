@@ -6,7 +6,7 @@
     python bench/gpu_check.py --cpu-tiny --data-dir data --out /tmp/gpu_check          # CPU, interpreter, toy sizes
 
 Sections run in this order, each with its own cap in seconds, inside one --budget:
-  tests     tests/test_kernels.py, then tests/test_gpu_path.py, with the real Triton kernels (RRCM_TEST_GPU=1):
+  tests     tests/test_kernels.py, then the GPU-path tests, with the real Triton kernels (RRCM_TEST_GPU=1):
             pass/fail counts and the first failure;
   kernels   bench/kernels.py --quick: attention against SDPA at (B 256, H 12, L 66) and (64, 12, 198), d 64;
             InfoNCE against the unfused loss at B = M = 4096 and 16384, D 256; cross-entropy at C 10 and 1000;
@@ -56,7 +56,7 @@ SECTIONS = ("tests", "kernels", "certify", "pretrain", "e2e")
 # The GPU's tests in the order that matters: the kernels, then the scripts' GPU path in one process; the two-process
 # training last, since with one GPU it runs on the CPU (gloo, interpreter) exactly as CI runs it.
 GPU_TESTS = ["tests/test_kernels.py", "tests/test_gpu_path.py::test_training_on_the_gpu_path_matches_the_reference[1]",
-             "tests/test_gpu_path.py::test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_processes",
+             "tests/test_gpu_path_certify.py::test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_processes",
              "tests/test_gpu_path.py::test_training_on_the_gpu_path_matches_the_reference[2]"]
 # Caps on an H200 (16 host cores), estimated since no run has touched a GPU yet; the first run's report and the
 # tests' --durations show what to change. The first four sum to 470 s of a 480 s budget, so each gets its whole

@@ -30,6 +30,19 @@ import kernels  # noqa: E402
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: the fast tier (python -m pytest -q -m quick tests): each module of the "
                                        "project in at most 90 s on 2 cores; the full suite runs everything")
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: hand out whole files in collection order
+        config.option.loadscopereorder = False
+
+
+# The slowest files, slowest first: under `-n auto --dist loadfile` the workers take whole files in collection order,
+# so these start at once rather than last (xdist's own order, most tests first, left test_gpu_path.py, 2 tests and
+# the longest file, to run alone at the end).
+SLOWEST_FIRST = ("test_gpu_path.py", "test_gpu_path_certify.py", "test_cluster.py", "test_gpu_compile.py",
+                 "test_gpu_check.py", "test_faults.py", "test_certify_runs.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: SLOWEST_FIRST.index(item.path.name) if item.path.name in SLOWEST_FIRST else len(SLOWEST_FIRST))
 
 
 def write_cifar(folder: str, n_train: int = 60, n_test: int = 20, seed: int = 0) -> None:
@@ -98,7 +111,7 @@ def finetune_args(cifar_dir, out, *extra):
 @pytest.fixture(scope="session")
 def confident(cifar_dir, tmp_path_factory) -> str:
     """A tiny classifier trained until it gets the synthetic classes right under noise sigma 0.12 (eager fp32,
-    8 epochs of 3 steps, each logged): test_pipeline reads its losses, test_gpu_path certifies with it."""
+    8 epochs of 3 steps, each logged): test_pipeline reads its losses, test_gpu_path_certify certifies with it."""
     import finetune
     build = lambda out: finetune.main(["--init", "scratch", "--preset", "tiny", "--data-dir", cifar_dir, "--out", out,
                                        "--sigma", "0.12", "--eta1", "0", "--eta2", "0", "--epochs", "8", "--warmup-epochs", "1",

@@ -2,8 +2,9 @@
 
 On a CUDA machine every script defaults to torch.compile (Inductor), the fused Triton kernels and bf16 autocast,
 and the scale-out command adds processes. Here that path runs with the kernels under Triton's interpreter, in
-one process and in two (torchrun, gloo): a pre-training step, a fine-tuning step and certification, tiny preset,
-each compared with the reference path (eager, PyTorch's kernels, fp32) on the same data and noise.
+one process and in two (torchrun, gloo): a pre-training step and a fine-tuning step here, certification in
+tests/test_gpu_path_certify.py (a file of its own so that a second pytest-xdist worker runs it meanwhile), tiny
+preset, each compared with the reference path (eager, PyTorch's kernels, fp32) on the same data and noise.
 
 Sizes are the smallest that still exercise every piece: the interpreter runs each Triton program in Python
 (~15 ms a program; one tiny-preset image is 36 attention programs a layer pass). Inductor's C++ is built without
@@ -20,7 +21,6 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import certify
 import finetune
 import pretrain
 from conftest import torchrun_runs, update_difference
@@ -121,25 +121,3 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     runs = {name: load_checkpoint(str(tmp_path / name / "ckpt.pt"), "finetune")["model"] for name in ("ft_ref", "ft_gpu")}
     gap = update_difference(runs["ft_gpu"], runs["ft_ref"], start)
     assert gap < UPDATE_TOLERANCE, f"fine-tuning updates differ by {gap:.1%}"
-
-
-def rows(tsv) -> list[list[str]]:
-    """The TSV's rows without the time column."""
-    return [line.split("\t")[:5] for line in open(tsv).read().splitlines()[1:]]
-
-
-def test_certification_on_the_gpu_path_matches_the_reference_in_one_and_two_processes(confident, cifar_dir, tmp_path):
-    """Certify two images with 4 + 4 samples each at alpha 0.1 (the interpreter runs each attention program in
-    Python, so the samples are what this test costs): the GPU path gives the same certificates as the reference,
-    and two processes give the same file as one."""
-    argv = ["--checkpoint", confident, "--data-dir", cifar_dir, "--n0", "4", "--n", "4", "--alpha", "0.1", "--num", "2",
-            "--skip", "7", "--batch", "100", "--sigma", "0.12"]
-    certify.main([*argv, "--out", str(tmp_path / "ref.tsv"), *REFERENCE])
-    with one_thread():
-        certify.main([*argv, "--out", str(tmp_path / "gpu1.tsv"), *GPU_DEFAULTS])
-    torchrun_runs([("certify.py", [*argv, "--out", str(tmp_path / "gpu2.tsv"), *GPU_DEFAULTS])], tmp_path / "logs", two_process_env())
-    ref, gpu1, gpu2 = (rows(tmp_path / f"{name}.tsv") for name in ("ref", "gpu1", "gpu2"))
-    assert gpu2 == gpu1
-    assert [r[:3] for r in gpu1] == [r[:3] for r in ref] and all(r[2] != "-1" for r in ref), (ref, gpu1)
-    # 4 of 4 samples agreeing certify sigma Phi^-1(0.1^(1/4)) = 0.019; one flipped sample would abstain.
-    assert all(abs(float(a[3]) - float(b[3])) < 1e-3 for a, b in zip(gpu1, ref)), (ref, gpu1)
