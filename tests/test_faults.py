@@ -267,7 +267,7 @@ def test_nonfinite_finetune_loss_names_the_term(cifar_dir, tmp_path, monkeypatch
 def test_preset_b_on_a_cpu_says_how_long_it_will_take_within_a_minute(script, cifar_dir, tmp_path):
     """rRCM-B on a CPU: its first step takes minutes, so the first lines must already estimate the run."""
     import time
-    argv = ["--data-dir", cifar_dir, "--out", str(tmp_path), "--batch", "40", *FAST]
+    argv = ["--data-dir", cifar_dir, "--out", str(tmp_path), "--batch", "8", *FAST]  # 8 images: the timed forward is the cost
     argv = ["--preset", "B", "--steps", "100", *argv] if script == "pretrain.py" else ["--init", "scratch", "--preset", "B", *argv]
     proc = subprocess.Popen([sys.executable, script, *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     start, lines = time.time(), []
