@@ -13,6 +13,7 @@ import pretrain
 from conftest import FAST, ROOT, finetune_args, refusal, torchrun_runs, update_difference
 from jobs import load_checkpoint, save_checkpoint
 
+
 def same_weights(a: dict, b: dict, atol: float = 0.0) -> bool:
     return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), rtol=0, atol=atol) for k in a)
 
