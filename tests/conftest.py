@@ -128,6 +128,7 @@ def finetuned(cifar_dir, tmp_path_factory) -> str:
 
 # One torchrun for several runs: starting the launcher and two ranks costs ~8 s on 2 cores, and a process cannot
 # set gloo up twice, so the runs share one process group (each script's own join and leave become no-ops).
+RUN_END = "--- end of run ---"  # rank 0 prints it after each run
 RUNS_DRIVER = """import sys
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
@@ -137,9 +138,9 @@ jobs.init_distributed = lambda *a: joined[0] if joined else joined.append(join(*
 jobs.close_processes = trainer.close_processes = dist.barrier
 for script, argv in {runs!r}:
     __import__(script.removesuffix(".py")).main(argv)
-    print(RUN_END, flush=True) if joined[0][0] == 0 else None
+    print({run_end!r}, flush=True) if joined[0][0] == 0 else None
 leave()
-""".replace("RUN_END", repr("--- end of run ---"))
+"""
 
 
 def torchrun_runs(runs: list[tuple[str, list]], log_dir, env: dict | None = None) -> list[str]:
@@ -149,7 +150,7 @@ def torchrun_runs(runs: list[tuple[str, list]], log_dir, env: dict | None = None
     driver = os.path.join(str(log_dir), "driver.py")
     os.makedirs(str(log_dir), exist_ok=True)
     with open(driver, "w") as f:
-        f.write(RUNS_DRIVER.format(root=ROOT, runs=runs))
+        f.write(RUNS_DRIVER.format(root=ROOT, runs=runs, run_end=RUN_END))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
            os.path.join(str(log_dir), "ranks"), "--redirects", "2", "--tee", "1", driver]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -158,7 +159,7 @@ def torchrun_runs(runs: list[tuple[str, list]], log_dir, env: dict | None = None
         errors = [open(os.path.join(d, f)).read()[-3000:] for d, _, files in os.walk(log_dir) for f in files if f == "stderr.log"]
         raise AssertionError(f"torchrun exited {result.returncode}\n" + "\n---\n".join(errors) + result.stderr[-2000:])
     out = "\n".join(line.split("]:", 1)[1] if line.startswith("[default") else line for line in result.stdout.splitlines())
-    return out.split("--- end of run ---")[:len(runs)]
+    return out.split(RUN_END)[:len(runs)]
 
 
 def refusal(script: str, argv: list) -> str:

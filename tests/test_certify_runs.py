@@ -3,7 +3,6 @@ it feeds the model, refusing to mix results, nothing written before the inputs a
 one command, bf16 reproducible, adaptive against fixed n on a trained checkpoint. Every run states its precision
 (fp32 unless bf16 is the point): `auto` means bf16 on CPUs with AVX512-BF16 or AMX and fp32 elsewhere."""
 import contextlib
-import glob
 import io
 import os
 import shutil
@@ -21,7 +20,7 @@ import jobs
 import report
 import results
 import smoothing
-from conftest import FAST, ROOT
+from conftest import FAST, ROOT, torchrun_runs
 from data import Images
 from jobs import load_checkpoint, model_from_checkpoint
 
@@ -61,26 +60,11 @@ def adaptive_run(finetuned, cifar_dir, tmp_path_factory):
     return out, run_quietly(certify_args(finetuned, cifar_dir, out, *ADAPTIVE, "--batch", "100"))
 
 
-def torchrun(tmp_path, *argv) -> subprocess.CompletedProcess:
-    """Two processes under torchrun, on CPU with gloo even on a GPU machine (RRCM_TEST_GPU=1 with one GPU would
-    otherwise pick NCCL and put rank 1 on a cuda:1 that does not exist). On failure the message holds each rank's
-    own stderr (--tee copies it to the log dir), not only the launcher's summary, which cuts the cause off."""
-    logs = tmp_path / "torchrun_logs"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir", str(logs),
-           "--tee", "3", "--", *argv]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-    if result.returncode != 0:
-        ranks = "\n".join(f"--- {path}:\n{open(path).read()[-3000:]}" for path in sorted(glob.glob(f"{logs}/**/stderr.log", recursive=True)))
-        raise AssertionError(f"torchrun exited {result.returncode}\n{ranks}\n--- launcher:\n{result.stderr[-2000:]}")
-    return result
-
-
 def test_two_process_certify_equals_one_process(adaptive_run, finetuned, cifar_dir, tmp_path):
     """Adaptive, so that images stop at different stages: rank 0 still writes them in image order. (Fixed n runs
     the same rounds and gather; one torchrun is what the time budget of the suite allows.)"""
     two = tmp_path / "two.tsv"
-    torchrun(tmp_path, "certify.py", *certify_args(finetuned, cifar_dir, two, *ADAPTIVE))
+    torchrun_runs([("certify.py", certify_args(finetuned, cifar_dir, two, *ADAPTIVE))], tmp_path / "logs")
     one = adaptive_run[0]
     if torch.cuda.is_available():  # the two processes ran on the CPU (see torchrun), and CPU noise is not CUDA noise
         one = tmp_path / "one.tsv"
