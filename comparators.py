@@ -168,8 +168,10 @@ def smoothmix_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor
 #   take the best of a grid (epsilon 0.25-2, T 2-10, m 1-8); this is one point of it, the same at every sigma.
 # SmoothAdv, ImageNet: PGD, T = 1, epsilon 1.0, m = 1, no warm-up (the released ImageNet models, PGD_1step/eps_255).
 # MACER, CIFAR-10: k = m = 16, beta 16, gamma 8 (released main.py defaults), lambda 12 at sigma 0.25 and 0.5, 4 at
-#   1.0 (the paper's Sec. 5 text as recalled, not checked against a copy in this session; main.py's default is 12).
-# MACER, ImageNet: m = 2, lambda 6 / 6 / 3 (paper's text as recalled, unchecked), beta 16, gamma 8.
+#   1.0 (the paper's Sec. 4 text as recalled; no copy of it found, main.py's default is 12; docs/comparators.md
+#   lists what was searched).
+# MACER, ImageNet: m = 2, beta 16, gamma 8, lambda 6 at sigma 0.25 (as the MACER README of mingyangyi/Lip trains
+#   it: --lbd 6 --gauss_num 2, lr 0.1, 120 epochs), 6 / 3 at 0.5 / 1.0 (the paper's text as recalled, unchecked).
 # SmoothMix, CIFAR-10: m = 2, T = 4, alpha 0.5 / 1.0 / 2.0 at sigma 0.25 / 0.5 / 1.0, eta 5, mix_step 0, warm-up 10
 #   epochs (EXPERIMENTS.MD "Ours: SmoothMix (CIFAR-10)", train.py --warmup default).
 # SmoothMix, ImageNet: m = 1, T = 1, alpha 8 sigma, eta 1 (paper's App. as recalled, unchecked), mix_step 0, warm-up 10.
