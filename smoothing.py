@@ -78,6 +78,9 @@ class Smooth:
         self.sigma, self.batch, self.seed, self.autocast = _positive("sigma", sigma), batch, _integer("seed", seed), autocast
         self.dtype = getattr(_weight(base_classifier), "dtype", None)  # the classifier's input dtype (None: x's own)
         self.decisions = torch.compile(self._decisions) if compile else self._decisions
+        # Compiled, the logits' check is a graph break: an exception raised while Dynamo traces would make it stop
+        # compiling the loop for good. Wrapped only then: torch.compiler.disable imports Dynamo, 1.7 s of every start.
+        self._check_logits = torch.compiler.disable(_check_logits) if compile else _check_logits
 
     def certify(self, x: torch.Tensor, n0: int, n: int, alpha: float, *, key: int, tick=None) -> tuple[int, float]:
         """CERTIFY (Cohen et al.): (cA, radius) or (ABSTAIN, 0.0). With probability at least 1 - alpha over the
@@ -155,7 +158,7 @@ class Smooth:
         """f(x + sigma eps) for a batch of noise; num_classes where the logits are not finite (counted, then refused)."""
         noisy = x[None] + self.sigma * eps
         logits = self.base_classifier(noisy if self.dtype is None else noisy.to(self.dtype))
-        _check_logits(logits, len(eps), self.num_classes)  # shapes and types only: no host sync
+        self._check_logits(logits, len(eps), self.num_classes)  # shapes and types only: no host sync
         return torch.where(logits.isfinite().all(1), logits.argmax(1), self.num_classes)
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
@@ -492,7 +495,6 @@ def _check_input(x) -> None:
                          + ("a scalar" if x.dim() == 0 else f"{int((~torch.isfinite(x)).sum())} NaN or inf of {x.numel()}"))
 
 
-@torch.compiler.disable  # a graph break: an exception raised while Dynamo traces would make it stop compiling the loop for good
 def _check_logits(logits, b: int, num_classes: int) -> None:
     """The classifier's output must be floating-point logits [b, num_classes] for b noisy inputs."""
     if isinstance(logits, torch.Tensor) and logits.is_floating_point() and tuple(logits.shape) == (b, num_classes):
