@@ -89,7 +89,7 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     batch = ["--batch", str(2 * processes), "--shards", str(processes), "--log-every", "1"]
     pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "1", "--warmup", "0", *batch]
     ft = ["--init", str(tmp_path / "pre_ref" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
-          "--train-images", str(2 * processes), "--eval-images", "4", "--train-head", *batch]
+          "--train-images", str(2 * processes), "--eval-images", str(2 * processes), "--train-head", *batch]
     pre_terms, ft_terms = ("consistency", "contrastive"), ("loss", "ce", "kl", "entropy")
     # the reference path in this process; fine-tuning starts from the reference's pre-trained weights, so that
     # it compares one step of 2 noisy copies per image from the same weights
