@@ -66,7 +66,7 @@ def test_two_process_certify_equals_one_process(adaptive_run, finetuned, cifar_d
     two = tmp_path / "two.tsv"
     torchrun_runs([("certify.py", certify_args(finetuned, cifar_dir, two, *ADAPTIVE))], tmp_path / "logs")
     one = adaptive_run[0]
-    if torch.cuda.is_available():  # the two processes ran on the CPU (see torchrun), and CPU noise is not CUDA noise
+    if torch.cuda.is_available():  # the two processes ran on the CPU (conftest.torchrun_runs: gloo on the CPU), and CPU noise is not CUDA noise
         one = tmp_path / "one.tsv"
         subprocess.run([sys.executable, "certify.py", *certify_args(finetuned, cifar_dir, one, *ADAPTIVE, "--batch", "100")],
                        cwd=ROOT, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, check=True, capture_output=True)
