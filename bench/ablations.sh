@@ -24,6 +24,7 @@
 #   bash bench/ablations.sh                     # every stage in order; re-running skips what finished
 #   bash bench/ablations.sh pretrain probe      # stages, in the order given: pretrain, probe, finetune, certify, report
 #   SCALE=smoke bash bench/ablations.sh         # the whole pipeline at toy scale, in minutes (a check, not a result)
+#   DRY_RUN=1 bash bench/ablations.sh finetune  # print the commands a stage would run, run nothing
 #
 # Outputs under OUT (checkpoints, logs, TSVs); the small text results (the tables, the wall times) in RESULTS,
 # the probe figure in FIGURE.
@@ -58,6 +59,7 @@ flags() {  # the pre-training flags of an arm
 run() {  # run NAME command...: skipped once finished; its output appended to logs/NAME.log, its wall time to times.txt
   local name=$1; shift
   [ -f "$OUT/done/$name" ] && return 0
+  if [ -n "${DRY_RUN:-}" ]; then echo "$*"; return 0; fi  # DRY_RUN=1: print what would run
   local start=$(date +%s)
   if ! "$@" >> "$OUT/logs/$name.log" 2>&1; then
     echo "$name failed; the end of $OUT/logs/$name.log:" >&2; tail -n 5 "$OUT/logs/$name.log" >&2; exit 1
@@ -78,16 +80,17 @@ pretrain() {
 }
 
 finetune() {
-  # the Gaussian baseline's images: rRCM's compute (8 forward-equivalents per pre-training image, 6 per fine-tuning
-  # image) spent on fine-tuning images alone
-  local gauss=$(( (8 * STEPS * BATCH + 6 * FT_EPOCHS * FT_IMAGES) / (6 * FT_EPOCHS) ))
-  local ft=(--sigma 1.0 --epochs "$FT_EPOCHS" --batch "$FT_BATCH" --warmup-epochs 0 --eval-images "$EVAL" --log-every 50)
+  # the Gaussian baseline: rRCM's compute (8 forward-equivalents per pre-training image, 6 per fine-tuning image)
+  # spent on fine-tuning alone, as the fewest epochs over at most CIFAR-10's 50,000 training images
+  local passes=$(( (8 * STEPS * BATCH + 6 * FT_EPOCHS * FT_IMAGES) / 6 ))
+  local gauss_epochs=$(( (passes + 49999) / 50000 ))
+  local ft=(--sigma 1.0 --batch "$FT_BATCH" --warmup-epochs 0 --eval-images "$EVAL" --log-every 50)
   for arm in $ARMS; do
     run "finetune_$arm" python finetune.py "${COMMON[@]}" --init "$OUT/$arm/ckpt.pt" --train-images "$FT_IMAGES" \
-      --train-head "${ft[@]}" --out "$OUT/${arm}_finetune" $(resume "$OUT/${arm}_finetune")
+      --epochs "$FT_EPOCHS" --train-head "${ft[@]}" --out "$OUT/${arm}_finetune" $(resume "$OUT/${arm}_finetune")
   done
-  run finetune_gaussian python finetune.py "${COMMON[@]}" --init scratch --preset tiny --train-images "$gauss" \
-    --eta1 0 --eta2 0 "${ft[@]}" --out "$OUT/gaussian_finetune" $(resume "$OUT/gaussian_finetune")
+  run finetune_gaussian python finetune.py "${COMMON[@]}" --init scratch --preset tiny --train-images $(( passes / gauss_epochs )) \
+    --epochs "$gauss_epochs" --eta1 0 --eta2 0 "${ft[@]}" --out "$OUT/gaussian_finetune" $(resume "$OUT/gaussian_finetune")
 }
 
 certify() {  # an interrupted certification continues: certify.py skips the images its TSV holds
@@ -102,12 +105,14 @@ probe() {  # needs only the pre-trained encoders: its table and figure come befo
   run probe python linear_probe.py --data-dir "$DATA" --kernels torch --train-images "$PROBE_TRAIN" \
     --test-images "$PROBE_TEST" --epochs "$PROBE_EPOCHS" --plot "$FIGURE" \
     --checkpoint $(for arm in $ARMS; do echo "$OUT/$arm/ckpt.pt"; done)
+  [ -n "${DRY_RUN:-}" ] && return 0
   sed -n '/^ *accuracy (%)/,$p' "$OUT/logs/probe.log" > "$RESULTS/probe.txt"
   cat "$RESULTS/probe.txt"
 }
 
 report() {
   local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
+  if [ -n "${DRY_RUN:-}" ]; then echo python report.py $tsvs; echo python report.py --compare $tsvs; return 0; fi
   python report.py $tsvs > "$RESULTS/certified.txt"
   python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
   cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"

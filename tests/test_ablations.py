@@ -218,3 +218,27 @@ def test_the_studys_arms_are_the_papers():
                         "T1": ("rrcm", 0.0, 0.2, 1.0, "adjacent", None),
                         **{f"initial-{t}": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [float(t)]) for t in ("0.5", "1", "2")},
                         "initial-all": ("rrcm", 0.0, 0.2, SIGMA_MAX, "initial", [0.5, 1.0, 2.0])}
+
+
+@pytest.mark.quick
+def test_the_studys_gaussian_baseline_spends_rrcms_compute_on_cifar10s_images(tmp_path):
+    """bench/ablations.sh's commands (DRY_RUN=1 prints them) pass the scripts' parsers, and the Gaussian baseline
+    trains on at most CIFAR-10's 50,000 training images for rRCM's forward-equivalents: pre-training's
+    (pretrain.forwards_per_image a step per image) and fine-tuning's (3 per noisy copy: forward and backward), to
+    within one epoch's rounding."""
+    import subprocess
+
+    import finetune
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    printed = subprocess.run(["bash", "bench/ablations.sh", "pretrain", "finetune"], cwd=root, capture_output=True, text=True,
+                             env={**os.environ, "DRY_RUN": "1", "OUT": str(tmp_path)}, check=True).stdout.splitlines()
+    pre = [pretrain.parse_args(line.split()[2:]) for line in printed if line.startswith("python pretrain.py ")]
+    ft = [finetune.parse_args(line.split()[2:]) for line in printed if line.startswith("python finetune.py ")]
+    assert len(pre) == 9 and len(ft) == 10
+    rrcm_pre, rrcm_ft, gaussian = pre[0], ft[0], ft[-1]
+    assert rrcm_ft.sigma == 1.0 and (gaussian.init, gaussian.eta1, gaussian.eta2, gaussian.sigma) == ("scratch", 0, 0, 1.0)
+    per_image = 3 * finetune.COPIES
+    rrcm = (pretrain.forwards_per_image(rrcm_pre) * rrcm_pre.steps * rrcm_pre.batch
+            + per_image * rrcm_ft.epochs * rrcm_ft.train_images)
+    spent = per_image * gaussian.epochs * gaussian.train_images
+    assert gaussian.train_images <= 50_000 and rrcm - per_image * gaussian.epochs < spent <= rrcm, (gaussian, rrcm, spent)
