@@ -77,8 +77,44 @@ def _fix_interpreter_index() -> None:
     interpreter._patch_lang_tensor = patch
 
 
+def _patch_language_once_per_launch() -> None:
+    """Triton's interpreter patches triton.language again at every call of a @triton.jit helper inside a kernel
+    (`_patch_lang`: inspect.getmembers over the language's modules, ~1 ms), although the kernel's launch has
+    patched the same modules already and undoes it at its end. This package's kernels call their helpers (`dot`,
+    `upcast_tile`, `_load`, `_scores`) in every loop iteration, so that repetition was about half of what the
+    interpreter spent in the GPU-path tests. A helper whose modules the running launch has patched now reuses
+    the launch's patches; everything else goes to Triton's own function."""
+    import inspect
+
+    from triton.runtime import interpreter
+    if not all(hasattr(interpreter, name) for name in ("_patch_lang", "_LangPatchScope", "GridExecutor")):
+        return  # another Triton: leave it as it is
+    original_patch, original_launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
+    patched: list[set] = []  # the modules the kernel launch now running has patched
+
+    def patch_lang(fn):
+        langs = {v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if patched and langs <= patched[-1]:
+            return interpreter._LangPatchScope()  # nothing to patch, nothing to undo
+        scope = original_patch(fn)
+        if patched:
+            patched[-1] |= langs
+        return scope
+
+    def launch(self, *args, **kwargs):
+        patched.append(set())
+        try:
+            return original_launch(self, *args, **kwargs)  # patches, runs the grid, undoes its patches
+        finally:
+            patched.pop()
+
+    interpreter.GridExecutor.__call__ = launch
+    interpreter._patch_lang = patch_lang
+
+
 if INTERPRET:
     try:
         int(np.zeros(1))
     except TypeError:
         _fix_interpreter_index()
+    _patch_language_once_per_launch()

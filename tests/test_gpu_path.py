@@ -83,13 +83,14 @@ def run(runs: list[tuple[str, list]], processes: int, log_dir) -> list[str]:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tmp_path, capsys):
-    """One pre-training step and one fine-tuning step, 2 images per process, against the reference path in one
-    process on the same global batch and shards (so the same images, augmentations and noise). Two processes
-    with 2 images each compile the graphs one process with 2 images compiled: Inductor's cache serves them."""
-    batch = ["--batch", str(2 * processes), "--shards", str(processes), "--log-every", "1"]
-    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "1", "--warmup", "0", *batch]
+    """One pre-training step (2 images per process) and one fine-tuning step (1 image per process), against the
+    reference path in one process on the same global batch and shards (so the same images, augmentations and
+    noise). Two processes compile the graphs one process compiled: Inductor's cache serves them."""
+    per_process = lambda images: ["--batch", str(images * processes), "--shards", str(processes), "--log-every", "1"]
+    pre = ["--data-dir", cifar_dir, "--preset", "tiny", "--steps", "1", "--warmup", "0", *per_process(2)]
+    # fine-tuning: 1 image in 2 noisy copies, the shape of pre-training's passes with gradient: no backward to compile
     ft = ["--init", str(tmp_path / "pre_ref" / "ckpt.pt"), "--data-dir", cifar_dir, "--epochs", "1", "--warmup-epochs", "0",
-          "--train-images", str(2 * processes), "--eval-images", str(2 * processes), "--train-head", *batch]
+          "--train-images", str(processes), "--eval-images", str(2 * processes), "--train-head", *per_process(1)]
     pre_terms, ft_terms = ("consistency", "contrastive"), ("loss", "ce", "kl", "entropy")
     # the reference path in this process; fine-tuning starts from the reference's pre-trained weights, so that
     # it compares one step of 2 noisy copies per image from the same weights
@@ -107,9 +108,11 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     pre_gpu, ft_gpu = logged(printed[0], "step 1/1", pre_terms), logged(printed[1], "step 1/1", ft_terms)
     assert close(pre_gpu, pre_ref, LOSS_TOLERANCE), (pre_ref, pre_gpu)
     assert close(ft_gpu, ft_ref, LOSS_TOLERANCE), (ft_ref, ft_gpu)
-    if processes == 1:  # one block graph per grad mode and shape, whatever the depth: pre-training's 3, fine-tuning's
-        # training shape 1 more (its evaluation reuses a no-grad one). A graph per block would be 4x as many, and
-        # past Dynamo's recompile limit (8) the blocks would run eagerly after one warning; none: nothing compiled.
+    if processes == 1:  # one block graph per grad mode, weights' requires_grad and shape, whatever the depth:
+        # pre-training's 3 (its keys through the online and the target weights without gradient, its queries with),
+        # fine-tuning's evaluation (--batch images at a time, without gradient) 1 more: its training step reuses
+        # pre-training's graph with gradient. A graph per block would be 4x as many, and past Dynamo's recompile limit (8) the blocks would
+        # run eagerly after one warning; none: nothing compiled.
         assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
     torch.manual_seed(0)  # pretrain.py's initial weights (seed 0)
