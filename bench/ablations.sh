@@ -27,17 +27,19 @@
 #   DRY_RUN=1 bash bench/ablations.sh finetune  # print the commands a stage would run, run nothing
 #
 # Outputs under OUT (checkpoints, logs, TSVs); the small text results (the tables, the wall times) in RESULTS,
-# the probe figure in FIGURE.
+# the probe figure in FIGURE, the certified accuracies against radius in CERTIFIED_FIGURE.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data}
 ARMS=${ARMS:-"rrcm moco-noise ema2-0.99 tau-0.1 T1 initial-0.5 initial-1 initial-2 initial-all"}
 if [ "${SCALE:-full}" = smoke ]; then
   OUT=${OUT:-out/ablations_smoke}; RESULTS=${RESULTS:-$OUT/results}; FIGURE=${FIGURE:-$OUT/probe.png}
+  CERTIFIED_FIGURE=${CERTIFIED_FIGURE:-$OUT/certified.png}
   STEPS=2; BATCH=16; TRAIN=(--train-images 64); FT_IMAGES=64; FT_EPOCHS=1; FT_BATCH=16
   EVAL=20; N=100; NUM=4; PROBE_TRAIN=64; PROBE_TEST=32; PROBE_EPOCHS=2
 else
   OUT=${OUT:-out/ablations}; RESULTS=${RESULTS:-bench/ablations}; FIGURE=${FIGURE:-docs/ablations_probe.png}
+  CERTIFIED_FIGURE=${CERTIFIED_FIGURE:-docs/ablations_certified.png}
   STEPS=${STEPS:-100}; BATCH=256; TRAIN=(); FT_IMAGES=${FT_IMAGES:-20000}; FT_EPOCHS=1; FT_BATCH=128
   EVAL=1000; N=${N:-500}; NUM=${NUM:-250}; PROBE_TRAIN=${PROBE_TRAIN:-10000}; PROBE_TEST=${PROBE_TEST:-10000}; PROBE_EPOCHS=30
 fi
@@ -112,8 +114,8 @@ probe() {  # needs only the pre-trained encoders: its table and figure come befo
 
 report() {
   local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
-  if [ -n "${DRY_RUN:-}" ]; then echo python report.py $tsvs; echo python report.py --compare $tsvs; return 0; fi
-  python report.py $tsvs > "$RESULTS/certified.txt"
+  if [ -n "${DRY_RUN:-}" ]; then echo python report.py $tsvs --plot "$CERTIFIED_FIGURE"; echo python report.py --compare $tsvs; return 0; fi
+  python report.py $tsvs --plot "$CERTIFIED_FIGURE" > "$RESULTS/certified.txt"
   python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
   cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"
 }
