@@ -115,7 +115,8 @@ probe() {  # needs only the pre-trained encoders: its table and figure come befo
 report() {
   local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
   if [ -n "${DRY_RUN:-}" ]; then echo python report.py $tsvs --plot "$CERTIFIED_FIGURE"; echo python report.py --compare $tsvs; return 0; fi
-  python report.py $tsvs --plot "$CERTIFIED_FIGURE" > "$RESULTS/certified.txt"
+  python report.py $tsvs > "$RESULTS/certified.txt"
+  python report.py $tsvs --plot "$CERTIFIED_FIGURE"
   python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
   cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"
 }
