@@ -84,8 +84,8 @@ pretrain() {
 finetune() {
   # the Gaussian baseline: rRCM's compute (8 forward-equivalents per pre-training image, 6 per fine-tuning image)
   # spent on fine-tuning alone, as the fewest epochs over at most CIFAR-10's 50,000 training images
-  local passes=$(( (8 * STEPS * BATCH + 6 * FT_EPOCHS * FT_IMAGES) / 6 ))
-  local gauss_epochs=$(( (passes + 49999) / 50000 ))
+  local passes=$(( (8 * STEPS * BATCH + 6 * FT_EPOCHS * FT_IMAGES) / 6 )) cifar_train=50000
+  local gauss_epochs=$(( (passes + cifar_train - 1) / cifar_train ))
   local ft=(--sigma 1.0 --batch "$FT_BATCH" --warmup-epochs 0 --eval-images "$EVAL" --log-every 50)
   for arm in $ARMS; do
     run "finetune_$arm" python finetune.py "${COMMON[@]}" --init "$OUT/$arm/ckpt.pt" --train-images "$FT_IMAGES" \

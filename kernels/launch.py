@@ -79,11 +79,11 @@ def _fix_interpreter_index() -> None:
 
 def _patch_language_once_per_launch() -> None:
     """Triton's interpreter patches triton.language again at every call of a @triton.jit helper inside a kernel
-    (`_patch_lang`: inspect.getmembers over the language's modules, ~1 ms), although the kernel's launch has
-    patched the same modules already and undoes it at its end. This package's kernels call their helpers (`dot`,
-    `upcast_tile`, `_load`, `_scores`) in every loop iteration, so that repetition was about half of what the
-    interpreter spent in the GPU-path tests. A helper whose modules the running launch has patched now reuses
-    the launch's patches; everything else goes to Triton's own function."""
+    (`_patch_lang`: inspect.getmembers over the language's modules), although the kernel's launch has patched
+    the same modules already and undoes it at its end; this package's kernels call their helpers (`dot`,
+    `upcast_tile`, `_load`, `_scores`) in every loop iteration. A helper whose modules the running launch has
+    patched now reuses the launch's patches; everything else goes to Triton's own function. (What it saves:
+    bench/README.md, "The test suite".)"""
     import inspect
 
     from triton.runtime import interpreter

@@ -111,8 +111,8 @@ def test_training_on_the_gpu_path_matches_the_reference(processes, cifar_dir, tm
     if processes == 1:  # one block graph per grad mode, weights' requires_grad and shape, whatever the depth:
         # pre-training's 3 (its keys through the online and the target weights without gradient, its queries with),
         # fine-tuning's evaluation (--batch images at a time, without gradient) 1 more: its training step reuses
-        # pre-training's graph with gradient. A graph per block would be 4x as many, and past Dynamo's recompile limit (8) the blocks would
-        # run eagerly after one warning; none: nothing compiled.
+        # pre-training's graph with gradient. A graph per block would be 4x as many, and past Dynamo's recompile
+        # limit (8) the blocks would run eagerly after one warning; none: nothing compiled.
         assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
     torch.manual_seed(0)  # pretrain.py's initial weights (seed 0)
