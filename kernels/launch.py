@@ -91,9 +91,12 @@ def _patch_language_once_per_launch() -> None:
         return  # another Triton: leave it as it is
     original_patch, original_launch = interpreter._patch_lang, interpreter.GridExecutor.__call__
     patched: list[set] = []  # the modules the kernel launch now running has patched
+    languages: dict = {}     # each helper's language modules: its module's imports, found once
 
     def patch_lang(fn):
-        langs = {v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if fn not in languages:
+            languages[fn] = frozenset(v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core))
+        langs = languages[fn]
         if patched and langs <= patched[-1]:
             return interpreter._LangPatchScope()  # nothing to patch, nothing to undo
         scope = original_patch(fn)

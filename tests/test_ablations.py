@@ -136,24 +136,25 @@ def test_consistency_ema_keys_from_an_ema_copy(cifar_dir, tmp_path, monkeypatch)
         assert torch.allclose(ema["consistency_target"][k].double(), want.double(), atol=1e-6), k
 
 
-@pytest.mark.parametrize("micro", ["4", "2"])  # 1/4 and 1/8 of the batch of 16
-def test_micro_batches_give_the_whole_batchs_step(cifar_dir, tmp_path, micro):
-    """One step in fp32: the losses, every gradient (AdamW's first moment after one step is 0.1 g), the BatchNorm
-    running statistics and the weights after the step are the whole batch's, to float rounding."""
+def test_micro_batches_give_the_whole_batchs_step(cifar_dir, tmp_path):
+    """One step in fp32, in micro-batches of 4 and of 2 (1/4 and 1/8 of the batch of 16): the losses, every
+    gradient (AdamW's first moment after one step is 0.1 g), the BatchNorm running statistics and the weights
+    after the step are the whole batch's, to float rounding."""
     whole = run(cifar_dir, tmp_path / "whole", "--symmetric")
-    part = run(cifar_dir, tmp_path / f"micro{micro}", "--symmetric", "--micro-batch", micro)
-    assert f"micro-batches of {micro} of the 16 images" in open(tmp_path / f"micro{micro}" / "log.txt").read()
-    a, b = (logged(tmp_path / d)[0].split("| lr")[0] for d in ("whole", f"micro{micro}"))
-    assert a == b, (a, b)  # the losses to 4 decimals
     torch.manual_seed(0)  # the initial weights: the step's update is the difference
     start = pretrain.ViT(pretrain.vit_config("tiny", "cifar10")).state_dict()
-    assert update_difference(part["model"], whole["model"], start) < 1e-5  # measured 6e-7: float rounding
-    states = whole["optimizer"]["state"]
-    for i, s in states.items():
-        g_whole, g_part = s["exp_avg"], part["optimizer"]["state"][i]["exp_avg"]
-        assert torch.allclose(g_whole, g_part, rtol=1e-4, atol=1e-9 * max(1.0, g_whole.abs().max().item())), i
     running = [k for k in whole["model"] if "running_mean" in k or "running_var" in k]
-    assert running and all(torch.allclose(whole["model"][k], part["model"][k], rtol=1e-5, atol=1e-7) for k in running)
+    assert running
+    for micro in ("4", "2"):
+        part = run(cifar_dir, tmp_path / f"micro{micro}", "--symmetric", "--micro-batch", micro)
+        assert f"micro-batches of {micro} of the 16 images" in open(tmp_path / f"micro{micro}" / "log.txt").read()
+        a, b = (logged(tmp_path / d)[0].split("| lr")[0] for d in ("whole", f"micro{micro}"))
+        assert a == b, (micro, a, b)  # the losses to 4 decimals
+        assert update_difference(part["model"], whole["model"], start) < 1e-5, micro  # measured 6e-7: float rounding
+        for i, s in whole["optimizer"]["state"].items():
+            g_whole, g_part = s["exp_avg"], part["optimizer"]["state"][i]["exp_avg"]
+            assert torch.allclose(g_whole, g_part, rtol=1e-4, atol=1e-9 * max(1.0, g_whole.abs().max().item())), (micro, i)
+        assert all(torch.allclose(whole["model"][k], part["model"][k], rtol=1e-5, atol=1e-7) for k in running), micro
 
 
 def test_the_memory_check_picks_a_micro_batch_or_refuses_in_one_line(cifar_dir, tmp_path, monkeypatch):
