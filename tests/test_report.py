@@ -307,13 +307,13 @@ def test_the_plot_draws_an_adaptive_run_at_its_reported_radii_only(tmp_path):
 def test_plot_draws_what_plot_curves_computes(tmp_path, monkeypatch):
     """The drawing, through a stand-in for matplotlib (optional, and not installed in CI): one line a run (the
     adaptive one at its reported radii, as points), the envelope dashed, the file written where asked."""
-    lines, saved = [], []
+    lines, saved, axes = [], [], {}
 
     class Axes:
         def plot(self, x, y, style, **kw):
             lines.append((list(np.asarray(x)), list(np.asarray(y)), style, kw.get("label")))
 
-        def set(self, **kw): pass
+        def set(self, **kw): axes.update(kw)
 
         def legend(self, **kw): pass
 
@@ -332,3 +332,4 @@ def test_plot_draws_what_plot_curves_computes(tmp_path, monkeypatch):
     assert saved == [str(tmp_path / "p.png")]
     assert [(style, label) for _, _, style, label in lines] == [("-", "fixed"), ("o-", "adaptive"), ("k--", "best of above")]
     assert lines[1][0] == [0.0, 0.25, 0.5, 0.75, 1.0] and len(lines[0][0]) > 100  # the fixed-n run on the fine grid
+    assert axes["ylim"] == pytest.approx((0, 0.9)), axes  # the highest curve: 4 of 5 images at radius 0, 0.8
