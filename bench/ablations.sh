@@ -112,13 +112,17 @@ probe() {  # needs only the pre-trained encoders: its table and figure come befo
   cat "$RESULTS/probe.txt"
 }
 
+into() {  # into FILE command...: its output to FILE; under DRY_RUN=1 print the command line instead
+  local file=$1; shift
+  if [ -n "${DRY_RUN:-}" ]; then echo "$* > $file"; else "$@" > "$file"; fi
+}
+
 report() {
   local tsvs=$(for model in $ARMS gaussian; do echo "$OUT/certify/$model.tsv"; done)
-  if [ -n "${DRY_RUN:-}" ]; then echo python report.py $tsvs --plot "$CERTIFIED_FIGURE"; echo python report.py --compare $tsvs; return 0; fi
-  python report.py $tsvs > "$RESULTS/certified.txt"
-  python report.py $tsvs --plot "$CERTIFIED_FIGURE"
-  python report.py --compare $tsvs > "$RESULTS/compare.txt"  # the first, rRCM, against each of the others
-  cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"
+  into "$RESULTS/certified.txt" python report.py $tsvs
+  into /dev/null python report.py $tsvs --plot "$CERTIFIED_FIGURE"
+  into "$RESULTS/compare.txt" python report.py --compare $tsvs  # the first, rRCM, against each of the others
+  [ -n "${DRY_RUN:-}" ] || cat "$RESULTS/certified.txt" "$RESULTS/compare.txt"
 }
 
 for stage in ${@:-pretrain probe finetune certify report}; do
