@@ -32,11 +32,12 @@ LOG2E = 1.4426950408889634
 FWD_CONFIGS = [(64, 16, 4, 2), (32, 16, 4, 2)]
 DKDV_CONFIGS = [(16, 32, 4, 2), (32, 16, 4, 2)]
 DQ_CONFIGS = [(32, 32, 8, 2), (32, 16, 4, 2)]
-# Under the interpreter (CPU tests) every kernel takes 128 query x 64 key rows: at L = 66, CIFAR-10's sequence, the
-# forward and dq are one program per head looping over two key tiles (a partial one), dk/dv two programs with
-# one masked query tile, where the configs above make 5-15 programs x iterations per head. The interpreter runs
-# every program in Python (~10 ms each), so this is what keeps tests/test_gpu_path.py affordable.
-INTERPRETER = (128, 64)
+# Under the interpreter (CPU tests) every kernel takes 128 x 128 tiles: at L = 66, CIFAR-10's sequence, every kernel is
+# one program per head over one ragged tile, where the configs above make 5-15 programs x iterations per head. The
+# interpreter runs every program in Python (~10 ms each), so this is what keeps tests/test_gpu_path.py affordable; the
+# loops over several tiles, ragged ones included, are checked at L = 198 (ImageNet's, two tiles each way) by
+# tests/test_kernels.py against PyTorch's attention.
+INTERPRETER = (128, 128)
 
 
 @triton.jit

@@ -54,8 +54,8 @@ def autotuned(kernel, names: tuple, configs: list, key: list, interpreter: tuple
     num_warps, num_stages). Returns (kernel, extra launch kwargs). Under the interpreter the block sizes
     `interpreter` (default: the first config's) are passed explicitly instead, since timing numpy says
     nothing about a GPU. The interpreter runs every program in Python, so its cost is programs x loop
-    iterations, whatever the tile size: large tiles that still leave several tiles at the tests' shapes keep
-    the tests of the scripts' GPU path (tests/test_gpu_path.py) affordable."""
+    iterations, whatever the tile size: large tiles keep the tests of the scripts' GPU path
+    (tests/test_gpu_path.py) affordable, and tests/test_kernels.py picks shapes that still span several."""
     tuned = [triton.Config(dict(zip(names, c[: len(names)])), num_warps=c[-2], num_stages=c[-1]) for c in configs]
     SHIPPED[kernel] = tuned
     if INTERPRET:

@@ -9,7 +9,7 @@ os.environ["TRITON_INTERPRET"] = "0" if os.environ.get("RRCM_TEST_GPU") == "1" e
 # Inductor's C++ for a CPU without vector intrinsics: half the compile time of the tests that compile (on a GPU
 # Inductor writes Triton, not C++, so nothing the GPU path depends on changes). Read when torch is imported.
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
-# The interpreter multiplies tile-sized numpy arrays (128 x 64 at most): BLAS threads gain nothing there and,
+# The interpreter multiplies tile-sized numpy arrays (128 x 128 at most): BLAS threads gain nothing there and,
 # beside torch's own thread pool, spin and contend for the 2 cores (the GPU-path tests ran 2-4x slower with them).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Under pytest-xdist (-n) the workers share the cores: one torch thread each, or their thread pools spin against

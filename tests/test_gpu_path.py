@@ -7,7 +7,7 @@ tests/test_gpu_path_certify.py (a file of its own so that a second pytest-xdist 
 preset, each compared with the reference path (eager, PyTorch's kernels, fp32) on the same data and noise.
 
 Sizes are the smallest that still exercise every piece: the interpreter runs each Triton program in Python
-(~15 ms a program; one tiny-preset image is 36 attention programs a layer pass). Inductor's C++ is built without
+(~15 ms a program; a tiny-preset image is one attention program per head, layer and kernel). Inductor's C++ is built without
 vector intrinsics (conftest sets TORCHINDUCTOR_VEC_ISA_OK=0: half the compile time); the C++ Inductor writes for
 a CPU is not what it writes for a GPU anyway. What these tests guard is the path up to it, which is the same:
 Dynamo's trace, AOTAutograd, the custom ops' fake tensors and the stride checks Inductor puts around them,

@@ -19,8 +19,9 @@ DEVICE = "cpu" if INTERPRET or not torch.cuda.is_available() else "cuda"
 # Largest error relative to max(1, |reference|). fp32 is fp32 in the kernels on a GPU too (launch.dot).
 TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (L, D): 66 = CIFAR-10's 64 patches + 2 tokens; with the interpreter's 128 x 64 tiles (attention.INTERPRETER)
-# 66 loops over two key tiles and 198 (ImageNet's 196 + 2) over two query tiles and four key tiles, both ragged.
+# (L, D): 66 = CIFAR-10's 64 patches + 2 tokens; with the interpreter's 128 x 128 tiles (attention.INTERPRETER)
+# 66 is one ragged tile and 198 (ImageNet's 196 + 2) two query tiles and two key tiles, the second ragged: the loops
+# over several tiles (the online softmax's rescaling, dk/dv summed over query tiles) are checked there.
 ATTENTION_SHAPES = [(1, 16), (7, 32), pytest.param(66, 64, marks=pytest.mark.quick), (20, 24), (198, 40)]  # quick: CIFAR-10's
 
 
