@@ -26,6 +26,7 @@ import kernels
 from data import Images, add_workers_flag, generator, seeded_noise
 from jobs import clock, load_checkpoint, model_from_checkpoint
 from model import NORM_STD, SIGMA_MAX, SIGMA_MIN, ViT, noisy_input, to_model_space
+from report import axis_top
 
 
 def sigma_list(text: str) -> list[float]:
@@ -176,7 +177,8 @@ def plot(rows: list, sigmas: list[float], path: str) -> None:
     for name, accuracies, rfd, _ in rows:
         label = os.path.basename(os.path.dirname(os.path.abspath(name)))  # the run's folder: out/<arm>/ckpt.pt
         ax.plot(sigmas, accuracies, marker="o", label=f"{label} (RFD {rfd:.1f})")
-    ax.set(xlabel="test noise sigma (pixel space)", ylabel="linear-probe accuracy (%)", ylim=(0, 100))
+    highest = max((a for _, accuracies, _, _ in rows for a in accuracies), default=0.0)
+    ax.set(xlabel="test noise sigma (pixel space)", ylabel="linear-probe accuracy (%)", ylim=(0, axis_top(highest, 100.0)))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

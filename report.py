@@ -166,6 +166,12 @@ def plot_curves(runs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return grid, np.array([np.where(reported(run, grid), accuracy(run), np.nan) for run in runs])
 
 
+def axis_top(highest: float, full: float) -> float:
+    """Where an accuracy axis ends: the next tenth of `full` (1.0, or 100 %) above the highest value. Small
+    studies' curves (0.1-0.3) would hug the floor of a 0-to-full axis."""
+    return min(full, (math.floor(highest / full * 10 + 1e-9) + 1) * full / 10)
+
+
 def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
     try:
         import matplotlib
@@ -181,9 +187,7 @@ def plot(names: list[str], runs: list[dict], path: str, envelope: bool) -> None:
     if envelope:
         best = np.fmax.reduce(curves)
         ax.plot(grid[~np.isnan(best)], best[~np.isnan(best)], "k--", label="best of above")
-    # the axis ends a tenth above the highest curve: small studies' curves (0.1-0.3) would hug a 0-1 axis's floor
-    top = min(1.0, (np.floor(np.nanmax(curves, initial=0.0) * 10 + 1e-9) + 1) / 10)
-    ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, top))
+    ax.set(xlabel="L2 radius", ylabel="certified accuracy", ylim=(0, axis_top(np.nanmax(curves, initial=0.0), 1.0)))
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=150)

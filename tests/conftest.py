@@ -4,6 +4,7 @@ import os
 import pickle
 import subprocess
 import sys
+import types
 
 os.environ["TRITON_INTERPRET"] = "0" if os.environ.get("RRCM_TEST_GPU") == "1" else "1"  # 1: no GPU; see bench/gpu_check.py
 # Inductor's C++ for a CPU without vector intrinsics: half the compile time of the tests that compile (on a GPU
@@ -95,6 +96,34 @@ def triton_kernels():
     kernels.use("triton")
     yield
     kernels.use("torch")
+
+
+@pytest.fixture
+def stand_in_matplotlib(monkeypatch) -> types.SimpleNamespace:
+    """matplotlib (optional, and not installed in CI) replaced by a recorder: what was drawn (`lines`: x, y, style,
+    label), set on the axes (`axes`: xlabel, ylim, ...) and saved (`saved`: paths)."""
+    drawn = types.SimpleNamespace(lines=[], saved=[], axes={})
+
+    class Axes:
+        def plot(self, x, y, style="-", **kw):
+            drawn.lines.append((list(np.asarray(x)), list(np.asarray(y)), style, kw.get("label")))
+
+        def set(self, **kw): drawn.axes.update(kw)
+
+        def legend(self, **kw): pass
+
+    class Figure:
+        def tight_layout(self): pass
+
+        def savefig(self, path, **kw): drawn.saved.append(path)
+
+    pyplot = types.ModuleType("matplotlib.pyplot")
+    pyplot.subplots = lambda **kw: (Figure(), Axes())
+    matplotlib = types.ModuleType("matplotlib")
+    matplotlib.use, matplotlib.pyplot = (lambda backend: None), pyplot
+    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    return drawn
 
 
 # The quick path most script tests take: eager PyTorch in fp32. `--precision auto` would mean bf16 on CPUs with

@@ -63,6 +63,17 @@ def test_linear_probe_script(cifar_dir, tmp_path, capsys):
     assert len(to_clean) == 3 and all(d >= 0 for d in to_clean) and rfd > to_clean[0]  # pure noise is further than 0.25
 
 
+@pytest.mark.quick
+def test_the_plot_draws_each_checkpoint_with_its_rfd_up_to_the_next_tenth(tmp_path, stand_in_matplotlib):
+    """One line a checkpoint, named by its run's folder with its RFD; the axis ends at the next ten points above
+    the highest accuracy (nine arms at 10-35 % crowded into the bottom third of a 0-100 axis)."""
+    rows = [("out/rrcm/ckpt.pt", [35.3, 25.3, 18.3, 13.3], 22.378, None), ("out/T1/ckpt.pt", [35.2, 26.4, 18.5, 13.0], 21.9, None)]
+    linear_probe.plot(rows, [0.0, 0.25, 0.5, 1.0], str(tmp_path / "p.png"))
+    assert [(x, y, label) for x, y, _, label in stand_in_matplotlib.lines] == [
+        ([0.0, 0.25, 0.5, 1.0], [35.3, 25.3, 18.3, 13.3], "rrcm (RFD 22.4)"), ([0.0, 0.25, 0.5, 1.0], [35.2, 26.4, 18.5, 13.0], "T1 (RFD 21.9)")]
+    assert stand_in_matplotlib.axes["ylim"] == pytest.approx((0, 40)) and stand_in_matplotlib.saved == [str(tmp_path / "p.png")]
+
+
 class Toy(torch.nn.Module):
     """h(x_t, t) = one pixel of x_t scaled by 1 / (1 + t): one feature, so the Frechet distance has a closed form."""
     cfg = SimpleNamespace(num_classes=10)

@@ -2,7 +2,6 @@
 in one line that names the file and the line."""
 import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -304,32 +303,18 @@ def test_the_plot_draws_an_adaptive_run_at_its_reported_radii_only(tmp_path):
     assert curves[1][grid == 1.0] == curves[0][grid == 1.0] == 0.6
 
 
-def test_plot_draws_what_plot_curves_computes(tmp_path, monkeypatch):
+def test_plot_draws_what_plot_curves_computes(tmp_path, stand_in_matplotlib):
     """The drawing, through a stand-in for matplotlib (optional, and not installed in CI): one line a run (the
     adaptive one at its reported radii, as points), the envelope dashed, the file written where asked."""
-    lines, saved, axes = [], [], {}
-
-    class Axes:
-        def plot(self, x, y, style, **kw):
-            lines.append((list(np.asarray(x)), list(np.asarray(y)), style, kw.get("label")))
-
-        def set(self, **kw): axes.update(kw)
-
-        def legend(self, **kw): pass
-
-    class Figure:
-        def tight_layout(self): pass
-
-        def savefig(self, path, **kw): saved.append(path)
-
-    pyplot = types.ModuleType("matplotlib.pyplot")
-    pyplot.subplots = lambda **kw: (Figure(), Axes())
-    matplotlib = types.ModuleType("matplotlib")
-    matplotlib.use, matplotlib.pyplot = (lambda backend: None), pyplot
-    monkeypatch.setitem(sys.modules, "matplotlib", matplotlib)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", pyplot)
+    lines, saved, axes = stand_in_matplotlib.lines, stand_in_matplotlib.saved, stand_in_matplotlib.axes
     report.plot(["fixed", "adaptive"], adaptive_pair(tmp_path), str(tmp_path / "p.png"), envelope=True)
     assert saved == [str(tmp_path / "p.png")]
     assert [(style, label) for _, _, style, label in lines] == [("-", "fixed"), ("o-", "adaptive"), ("k--", "best of above")]
     assert lines[1][0] == [0.0, 0.25, 0.5, 0.75, 1.0] and len(lines[0][0]) > 100  # the fixed-n run on the fine grid
     assert axes["ylim"] == pytest.approx((0, 0.9)), axes  # the highest curve: 4 of 5 images at radius 0, 0.8
+
+
+def test_an_accuracy_axis_ends_at_the_next_tenth_above_the_highest_value():
+    assert report.axis_top(0.8, 1.0) == pytest.approx(0.9) and report.axis_top(0.35, 1.0) == pytest.approx(0.4)
+    assert report.axis_top(0.0, 1.0) == pytest.approx(0.1) and report.axis_top(1.0, 1.0) == 1.0  # never past full
+    assert report.axis_top(35.3, 100.0) == pytest.approx(40.0) and report.axis_top(40.0, 100.0) == pytest.approx(50.0)
