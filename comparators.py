@@ -160,13 +160,16 @@ def smoothmix_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor
 # Settings: each paper's, per dataset and sigma, and the step of finetune.py's loop
 
 # Where each value comes from (docs/comparators.md has the table):
-# SmoothAdv, CIFAR-10: PGD, T = 10, epsilon 1.0 (255/256 in the released code's units), m = 4 noise draws used in
-#   both attack and training, epsilon warmed up over 10 epochs: the README's and jobs.yaml's train_pgd.py commands
-#   (--num-steps 10 --warmup 10 --train-multi-noise) and the SmoothAdv setting of jh-jeong/smoothmix's SmoothAdv +
-#   Consistency runs (data/certify/cifar10/consistency/salman_255.0_10_10/num_4: eps 255, 10 steps, warm-up 10,
-#   m = 4). The paper's tables
-#   take the best of a grid (epsilon 0.25-2, T 2-10, m 1-8); this is one point of it, the same at every sigma.
-# SmoothAdv, ImageNet: PGD, T = 1, epsilon 1.0, m = 1, no warm-up (the released ImageNet models, PGD_1step/eps_255).
+# SmoothAdv, CIFAR-10: PGD, T = 10, the same m noise draws in attack and training (--train-multi-noise), epsilon
+#   warmed up over 10 epochs (the README's and jobs.yaml's train_pgd.py commands: --num-steps 10 --warmup 10).
+#   sigma 0.25: epsilon 1.0 (255/256 in the released code's units), m = 4, the SmoothAdv setting of
+#   jh-jeong/smoothmix's SmoothAdv + Consistency run there (data/certify/cifar10/consistency/salman_255.0_10_10/num_4).
+#   sigma 0.5 and 1.0: epsilon 2.0 (512/256), m = 2, as the same repository's runs at those sigmas
+#   (salman_512.0_10_10/num_2/.../noise_0.50, noise_1.00) and the released best models at the radii those sigmas
+#   win (analysis/radii_to_best_models/cifar10_ours: PGD_10steps, 2-multitrain, eps_512 at sigma 0.5 and 1.0).
+#   The paper's tables take the best of a grid (epsilon 0.25-2, T 2-10, m 1-8); these are points of it.
+# SmoothAdv, ImageNet: PGD, T = 1, m = 1, no warm-up, epsilon 1.0 at sigma 0.25 and 0.5, 2.0 at 1.0 (the released
+#   best ImageNet models: imagenet_ours lists PGD_1step/eps_255 at sigma 0.25 and 0.5, eps_512 at 1.0).
 # MACER, CIFAR-10: k = m = 16, beta 16, gamma 8 (released main.py defaults), lambda 12 at sigma 0.25 and 0.5, 4 at
 #   1.0 (the paper's Sec. 4 text as recalled; no copy of it found, main.py's default is 12; docs/comparators.md
 #   lists what was searched).
@@ -176,8 +179,10 @@ def smoothmix_loss(net: torch.nn.Module, model: torch.nn.Module, x: torch.Tensor
 #   epochs (EXPERIMENTS.MD "Ours: SmoothMix (CIFAR-10)", train.py --warmup default).
 # SmoothMix, ImageNet: m = 1, T = 1, alpha 8 sigma, eta 1 (paper's App. as recalled, unchecked), mix_step 0, warm-up 10.
 DEFAULTS = {
-    "smoothadv": {"cifar10": {s: dict(noise_samples=4, attack_steps=10, epsilon=1.0, adv_warmup_epochs=10) for s in (0.25, 0.5, 1.0)},
-                  "imagenet": {s: dict(noise_samples=1, attack_steps=1, epsilon=1.0, adv_warmup_epochs=1) for s in (0.25, 0.5, 1.0)}},
+    "smoothadv": {"cifar10": {s: dict(noise_samples=m, attack_steps=10, epsilon=eps, adv_warmup_epochs=10)
+                              for s, eps, m in ((0.25, 1.0, 4), (0.5, 2.0, 2), (1.0, 2.0, 2))},
+                  "imagenet": {s: dict(noise_samples=1, attack_steps=1, epsilon=eps, adv_warmup_epochs=1)
+                               for s, eps in ((0.25, 1.0), (0.5, 1.0), (1.0, 2.0))}},
     "macer": {"cifar10": {s: dict(noise_samples=16, macer_lambda=lbd, macer_beta=16.0, macer_gamma=8.0)
                           for s, lbd in ((0.25, 12.0), (0.5, 12.0), (1.0, 4.0))},
               "imagenet": {s: dict(noise_samples=2, macer_lambda=lbd, macer_beta=16.0, macer_gamma=8.0)

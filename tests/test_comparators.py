@@ -269,6 +269,12 @@ def test_defaults_are_the_papers_settings_for_dataset_and_sigma():
     args = finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv", "--dataset", "imagenet"])
     assert (args.noise_samples, args.attack_steps, args.mixup, args.cutmix, args.label_smoothing) == (1, 1, 0.0, 0.0, 0.0)
     assert comparators.passes(finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv"])) == (92, 4)
+    # SmoothAdv at the larger sigmas: epsilon 2.0 (512/256) with m = 2, the released runs' setting there
+    args = finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv", "--sigma", "1.0"])
+    assert (args.noise_samples, args.attack_steps, args.epsilon) == (2, 10, 2.0) and comparators.passes(args) == (46, 2)
+    args = finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv", "--sigma", "0.5", "--dataset", "imagenet"])
+    assert args.epsilon == 1.0 and finetune.parse_args(["--init", "scratch", "--preset", "tiny", "--objective", "smoothadv",
+                                                        "--sigma", "1.0", "--dataset", "imagenet"]).epsilon == 2.0
 
 
 def test_two_processes_train_each_objective_as_one_process_with_two_shards(cifar_dir, tmp_path):
