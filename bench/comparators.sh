@@ -4,7 +4,7 @@
 # certified on the same test images with the same noise at one N; each is compared with rRCM by an exact McNemar test
 # over those images at each radius (report.py --compare). Two arms, at each sigma (0.25, 1.0):
 #   compute: every method spends rRCM's forward-equivalents (pre-training PRE_STEPS x BATCH images at 8 each, plus one
-#            fine-tuning epoch of IMAGES at 6): Gaussian and Consistency 6 per image, SmoothAdv 92, MACER 48, SmoothMix 28
+#            fine-tuning epoch of IMAGES at 6): Gaussian and Consistency 6 per image, SmoothAdv 92 (46 at sigma 1.0), MACER 48, SmoothMix 28
 #            (comparators.passes, at the papers' CIFAR-10 settings) -- so more epochs for the cheap ones, a smaller
 #            subset for the dear ones;
 #   epochs:  every method one epoch of the same IMAGES, as rRCM's fine-tuning (rRCM's pre-training on top).
@@ -17,14 +17,19 @@
 #
 #   bash bench/comparators.sh 1                 # stage 1: pre-training, then everything at sigma 0.25
 #   bash bench/comparators.sh 2                 # stage 2: everything at sigma 1.0 (needs stage 1's pre-training)
+#   bash bench/comparators.sh 1 train           # stage 1's training only (about 2 h on 2 cores): the same command
+#                                               # without `train` then certifies (about 1 h), so no part passes 2.5 h
 #   SCALE=toy OUT=/tmp/c bash bench/comparators.sh 1   # the whole path at toy size, in minutes
 set -euo pipefail
 cd "$(dirname "$0")/.."
+usage() { echo "usage: bash bench/comparators.sh 1|2 [train]   (stage 1: sigma 0.25 with the pre-training; stage 2: sigma 1.0; train: stop before certifying)" >&2; exit 2; }
 case ${1:-} in
   1) SIGMA=0.25 ;;
   2) SIGMA=1.0 ;;
-  *) echo "usage: bash bench/comparators.sh 1|2   (stage 1: sigma 0.25 with the pre-training; stage 2: sigma 1.0)" >&2; exit 2 ;;
+  *) usage ;;
 esac
+case ${2:-all} in all | train) PART=${2:-all} ;; *) usage ;; esac
+[ $# -le 2 ] || usage
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/comparators}
 if [ "${SCALE:-full}" = toy ]; then
@@ -89,6 +94,7 @@ for method in $METHODS; do
     fi
   done
 done
+[ "$PART" = train ] && { echo "sigma $SIGMA: every training run finished; bash bench/comparators.sh ${1} certifies them"; exit 0; }
 certify() {  # certify NAME checkpoint...: one TSV per run, continued where it stopped
   stage "certify_$(echo "${1#$OUT/}" | tr / _)" python certify.py "${COMMON[@]}" "${CERT[@]}" --checkpoint "${@:2}" --out "$1.tsv"
 }
