@@ -4,8 +4,9 @@
 # certified on the same test images with the same noise at one N; each is compared with rRCM by an exact McNemar test
 # over those images at each radius (report.py --compare). Two arms, at each sigma (0.25, 1.0):
 #   compute: every method spends rRCM's forward-equivalents (pre-training PRE_STEPS x BATCH images at 8 each, plus one
-#            fine-tuning epoch of IMAGES at 6): Gaussian and Consistency 6 per image, SmoothAdv 92 (46 at sigma 1.0), MACER 48, SmoothMix 28
-#            (comparators.passes, at the papers' CIFAR-10 settings) -- so more epochs for the cheap ones, a smaller
+#            fine-tuning epoch of IMAGES at 6): Gaussian and Consistency 6 per image, SmoothAdv 92 (46 at sigma 1.0),
+#            MACER 48, SmoothMix 28 (comparators.passes, at the papers' CIFAR-10 settings) -- so more epochs for the
+#            cheap ones, a smaller
 #            subset for the dear ones;
 #   epochs:  every method one epoch of the same IMAGES, as rRCM's fine-tuning (rRCM's pre-training on top).
 # Boosting (Horvath et al.) is an ensemble of MEMBERS Consistency models (seeds 0, 1, 2), each trained as the arm's
