@@ -6,8 +6,7 @@
 #   compute: every method spends rRCM's forward-equivalents (pre-training PRE_STEPS x BATCH images at 8 each, plus one
 #            fine-tuning epoch of IMAGES at 6): Gaussian and Consistency 6 per image, SmoothAdv 92 (46 at sigma 1.0),
 #            MACER 48, SmoothMix 28 (comparators.passes, at the papers' CIFAR-10 settings) -- so more epochs for the
-#            cheap ones, a smaller
-#            subset for the dear ones;
+#            cheap ones, a smaller subset for the dear ones;
 #   epochs:  every method one epoch of the same IMAGES, as rRCM's fine-tuning (rRCM's pre-training on top).
 # Boosting (Horvath et al.) is an ensemble of MEMBERS Consistency models (seeds 0, 1, 2), each trained as the arm's
 # Consistency run: MEMBERS times its training and its certification, as in their paper.
