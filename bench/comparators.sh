@@ -28,7 +28,8 @@ case ${1:-} in
   2) SIGMA=1.0 ;;
   *) usage ;;
 esac
-case ${2:-all} in all | train) PART=${2:-all} ;; *) usage ;; esac
+PART=${2:-all}
+case $PART in all | train) ;; *) usage ;; esac
 [ $# -le 2 ] || usage
 DATA=${DATA:-../shared/data}
 OUT=${OUT:-out/comparators}
